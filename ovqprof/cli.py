@@ -1,0 +1,318 @@
+"""The `ovqprof` command line: thin wiring of specs, the sweep, writers and machine info.
+
+Errors meant for the user (OvqprofError) print one paragraph and exit 2 without a traceback; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ovqprof.errors import OvqprofError, SpecError, UsageError
+from ovqprof.output import FORMATS, RowWriter, check_output_writable
+from ovqprof.rows import FAILED_STATUSES, STATUSES
+
+app = typer.Typer(
+    help="Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True, highlight=False)
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn OvqprofError into a one-paragraph message and exit 2 (re-raised with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OvqprofError as exc:
+            if kwargs.get("debug"):
+                raise
+            raise _fail(str(exc), exc.exit_code) from None
+
+    return wrapper
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _replace(obj, **changes):
+    """Copy a frozen spec object with some fields changed (pydantic model or dataclass)."""
+    if hasattr(obj, "model_copy"):
+        return obj.model_copy(update=changes)
+    return dataclasses.replace(obj, **changes)
+
+
+def _apply_overrides(spec, seq, modes, batch, layers, device):
+    from ovqprof.ranges import parse_seq_range
+
+    sweep = spec.sweep
+    if seq is not None:
+        sweep = _replace(sweep, seq=tuple(parse_seq_range(seq)))
+    if modes is not None:
+        wanted = _split_list(modes)
+        bad = [m for m in wanted if m not in ("fwd", "bwd", "decode")]
+        if bad or not wanted:
+            raise UsageError(f"--modes {modes!r} is not valid. Allowed: a comma list of fwd, bwd, decode")
+        sweep = _replace(sweep, modes=tuple(dict.fromkeys(wanted)))
+    if batch is not None:
+        try:
+            values = tuple(int(b) for b in _split_list(batch))
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise UsageError(f"--batch {batch!r} is not valid. Allowed: a comma list of integers >= 1")
+        sweep = _replace(sweep, batch=values)
+    chosen = spec.layers
+    if layers is not None:
+        names = _split_list(layers)
+        known = [layer.name for layer in spec.layers]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise UsageError(f"--layers {layers!r}: unknown layer name(s) {unknown} in {spec.file}. "
+                             f"Allowed: {', '.join(known)}")
+        chosen = tuple(layer for layer in spec.layers if layer.name in names)
+    spec = _replace(spec, sweep=sweep, layers=chosen)
+    if device is not None:
+        spec = _replace(spec, defaults=_replace(spec.defaults, device=device))
+    return spec
+
+
+def _resolve_run_device(spec, device_override: str | None):
+    from ovqprof.machine import resolve_device
+
+    name = device_override or spec.defaults.device
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as exc:
+        field = "--device" if device_override else "defaults.device"
+        raise SpecError(f"device {name!r} cannot be used: {exc}", file=None if device_override else spec.file,
+                        field=field, allowed="auto, cpu, cuda, cuda:N for a visible GPU (or pass --device cpu)",
+                        show_value=False) from exc
+
+
+def _default_profile() -> tuple[str, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "default", "a GPU is visible"
+    return "quick", "no GPU is visible"
+
+
+class _Progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int):
+        self.enabled = sys.stderr.isatty()
+        self.bar = None
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=err_console, transient=True)
+            self.task = self.bar.add_task("sweep", total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def start(self, cell) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=f"{cell.layer.name} {cell.mode} T={cell.seq} B={cell.batch}")
+
+    def advance(self) -> None:
+        if self.bar:
+            self.bar.advance(self.task)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@app.command()
+@user_errors
+def sweep(
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
+                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    seq: Optional[str] = typer.Option(None, help="Sequence lengths, overriding the spec: 1k..64k (powers of "
+                                      "two), 512..4k:x2, 1k..8k:+1k, 1k,3k,8k (k = 1024)."),
+    modes: Optional[str] = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
+    batch: Optional[str] = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of layer names from the spec to run."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
+                                          "finish (default: stdout)."),
+    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
+                                           "worker process (default: on for GPU, off for CPU)."),
+    cell_timeout: Optional[float] = typer.Option(None, help="Seconds before an isolated cell is killed and "
+                                                 "reported as status timeout."),
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
+                                  "%% of roofline column."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
+    from ovqprof.cell import CellSettings
+    from ovqprof.machine import machine_info
+    from ovqprof.measure.peaks import measure_peaks
+    from ovqprof.spec import load_spec, resolve_profile, torch_dtype
+    from ovqprof.sweep import plan_cells, run_sweep
+
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    if profile is None:
+        profile, why = _default_profile()
+        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
+    spec = load_spec(resolve_profile(profile))
+    spec = _apply_overrides(spec, seq, modes, batch, layers, device)
+    run_device = _resolve_run_device(spec, device)
+    if output is not None:
+        check_output_writable(output)
+    if isolate is None:
+        isolate = run_device.type == "cuda"
+    if cell_timeout is not None and not isolate:
+        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+
+    header = machine_info(run_device)
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
+                  isolate=isolate)
+    peaks = {}
+    if roofline:
+        for dtype_name in sorted({layer.dtype for layer in spec.layers}):
+            peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
+    header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
+    settings = CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
+                            check_seq=spec.sweep.check_seq, peaks=peaks)
+    cells = plan_cells(spec)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    writer = RowWriter(format, output, header)
+    rows: list[dict] = []
+    try:
+        with writer, _Progress(len(cells)) as progress:
+            def on_row(row: dict) -> None:
+                writer.write(row)
+                rows.append(row)
+                progress.advance()
+
+            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
+                      on_start=progress.start)
+    except KeyboardInterrupt:
+        where = f" in {output}" if output else ""
+        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    if output is not None:
+        err_console.print(f"wrote {len(rows)} rows to {output} ({summary})")
+    if any(r["status"] in FAILED_STATUSES for r in rows):
+        err_console.print(f"[red]some cells failed[/] ({summary}); see the status and note columns")
+        raise typer.Exit(EXIT_FAILED_ROWS)
+
+
+@app.command()
+@user_errors
+def layers(
+    format: str = typer.Option("table", "--format", "-f", help="table or json."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """List the registered layer types with their options and defaults."""
+    from ovqprof.registry import all_layer_types
+
+    types = all_layer_types()
+    if format == "json":
+        doc = [{"type": t.name, "kind": t.kind, "summary": t.summary,
+                "options": [dict(zip(("name", "type", "default", "description"), o)) for o in t.option_table()]}
+               for t in types]
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    if format != "table":
+        raise UsageError(f"--format {format!r} is not known. Allowed: table, json")
+    from rich.table import Table
+
+    console = Console()
+    for t in types:
+        table = Table(title=f"{t.name} ({t.kind}): {t.summary}", title_justify="left")
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for option in t.option_table():
+            table.add_row(*option)
+        console.print(table)
+    console.print("A layer type can also be an import path package.module:Class; its other keys are passed "
+                  "to the constructor.")
+
+
+@app.command()
+@user_errors
+def env(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    format: str = typer.Option("table", "--format", "-f", help="table or json."),
+    peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure matmul FLOP/s and copy GB/s."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Show the device, versions, NVML availability and measured peaks (the roofline the sweep uses)."""
+    import torch
+
+    from ovqprof.machine import machine_info, resolve_device
+    from ovqprof.measure.peaks import measure_peaks
+
+    if format not in ("table", "json"):
+        raise UsageError(f"--format {format!r} is not known. Allowed: table, json")
+    try:
+        run_device = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--device {device!r} cannot be used: {exc}. Allowed: auto, cpu, cuda, cuda:N") from exc
+    info = machine_info(run_device)
+    if peaks:
+        dtypes = (torch.bfloat16, torch.float16, torch.float32) if run_device.type == "cuda" else (torch.float32,)
+        info["peaks"] = {str(d).removeprefix("torch."): measure_peaks(run_device, d).as_dict() for d in dtypes}
+    if format == "json":
+        typer.echo(json.dumps(info, indent=1, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="ovqprof env", title_justify="left", show_header=False)
+    for key, value in info.items():
+        if key == "peaks":
+            for dname, p in value.items():
+                table.add_row(f"peak {dname} matmul", f"{p['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s "
+                              f"({p['matmul_size']}^3)")
+                table.add_row(f"peak copy ({dname} run)", f"{p['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+                              f"({p['copy_bytes'] / 2**20:.0f} MiB read+write)")
+        else:
+            table.add_row(key, "-" if value is None else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,215 @@
+"""Row writers: table, CSV, JSON and Markdown, to a file or stdout.
+
+Rows are written as they finish so an interrupted sweep keeps every finished row:
+- csv: header once, then one flushed line per row;
+- json: {"header": {...}, "rows": [...]}; a file is rewritten atomically after every row, so it is valid JSON
+  at every moment; on stdout the document is printed once at close;
+- md: a header list, then a table whose lines are appended and flushed per row;
+- table: a rich table at close on a terminal; to a file, a plain-text (tabulate) table rewritten per row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from tabulate import tabulate
+
+from ovqprof.errors import UsageError
+from ovqprof.rows import COLUMNS
+
+FORMATS = ("table", "csv", "json", "md")
+
+# Columns shown in the terminal table and Markdown (all columns go to CSV and JSON).
+SHORT_COLUMNS = ("layer", "impl", "mode", "seq", "batch", "status", "ms_median", "ms_p20", "ms_p80",
+                 "tokens_per_s", "tflops", "gbps", "pct_roofline", "mem_peak", "state_bytes", "note")
+
+
+def check_output_writable(path: Path) -> None:
+    """Fail before the sweep starts if `path` cannot be created or written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a directory. Allowed: a file path")
+    if not parent.exists():
+        raise UsageError(f"--output {path}: the directory {parent} does not exist. Allowed: a path in an "
+                         "existing, writable directory")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output {path} cannot be written ({exc.strerror}). Allowed: a path in an "
+                         "existing, writable directory") from exc
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_number(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5:
+            return f"{value:.3g}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.3g}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def peak_memory(row: dict) -> tuple[int | None, str]:
+    """The most direct peak-memory figure a row has, and its source."""
+    for col, source in (("mem_torch_alloc_bytes", "torch"), ("mem_nvml_process_bytes", "nvml-proc"),
+                        ("mem_nvml_device_bytes", "nvml-dev"), ("mem_rss_peak_bytes", "rss")):
+        if row.get(col) is not None:
+            return row[col], source
+    return None, ""
+
+
+def short_row(row: dict) -> list[str]:
+    out = []
+    for col in SHORT_COLUMNS:
+        if col == "mem_peak":
+            value, source = peak_memory(row)
+            out.append(f"{human_bytes(value)} ({source})" if value is not None else "-")
+        elif col == "state_bytes":
+            out.append(human_bytes(row.get(col)))
+        elif col == "note":
+            note = row.get("note") or ""
+            out.append(note if len(note) <= 60 else note[:57] + "...")
+        else:
+            out.append(_fmt_number(row.get(col)))
+    return out
+
+
+def _header_lines(header: dict) -> list[str]:
+    keys = ("device", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile", "argv")
+    return [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]
+
+
+class RowWriter:
+    """Writes rows in one format to `path` (or stdout when None). Use as a context manager."""
+
+    def __init__(self, fmt: str, path: Path | None, header: dict, stdout: TextIO | None = None):
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {fmt!r} is not known. Allowed: {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.path = path
+        self.header = header
+        self.rows: list[dict] = []
+        self.stdout = stdout or sys.stdout
+        self._stream: TextIO | None = None
+        self._csv: csv.DictWriter | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def __enter__(self) -> RowWriter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if self.fmt == "csv":
+            self._stream = self._open_stream()
+            self._csv = csv.DictWriter(self._stream, fieldnames=list(COLUMNS), lineterminator="\n")
+            self._csv.writeheader()
+            self._stream.flush()
+        elif self.fmt == "md":
+            self._stream = self._open_stream()
+            lines = ["# ovqprof results", "", *_header_lines(self.header), "",
+                     "| " + " | ".join(SHORT_COLUMNS) + " |", "|" + "---|" * len(SHORT_COLUMNS)]
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        elif self.path is not None:
+            self._rewrite()
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.fmt == "csv":
+            assert self._csv is not None and self._stream is not None
+            self._csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+            self._stream.flush()
+        elif self.fmt == "md":
+            assert self._stream is not None
+            cells = [c.replace("|", "\\|") for c in short_row(row)]
+            self._stream.write("| " + " | ".join(cells) + " |\n")
+            self._stream.flush()
+        elif self.path is not None:
+            self._rewrite()
+
+    def close(self) -> None:
+        if self.fmt in ("csv", "md"):
+            if self._stream is not None and self._stream is not self.stdout:
+                self._stream.close()
+            self._stream = None
+        elif self.path is None:
+            if self.fmt == "json":
+                self.stdout.write(self.json_text())
+            else:
+                self._print_rich_table()
+        else:
+            self._rewrite()
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def _open_stream(self) -> TextIO:
+        if self.path is None:
+            return self.stdout
+        return open(self.path, "w", newline="")
+
+    def json_text(self) -> str:
+        return json.dumps({"header": self.header, "rows": self.rows}, indent=1, allow_nan=False,
+                          default=str) + "\n"
+
+    def table_text(self) -> str:
+        return tabulate([short_row(r) for r in self.rows], headers=list(SHORT_COLUMNS), tablefmt="simple")
+
+    def _rewrite(self) -> None:
+        """Write the whole document to a temporary file and rename it over the target (atomic)."""
+        assert self.path is not None
+        text = self.json_text() if self.fmt == "json" else "\n".join(_header_lines(self.header)) + "\n\n" + \
+            self.table_text() + "\n"
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def _print_rich_table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(file=self.stdout, width=max(160, Console().width))
+        table = Table(title=f"ovqprof sweep: {self.header.get('device')}", title_justify="left")
+        for col in SHORT_COLUMNS:
+            table.add_column(col, justify="right" if col not in ("layer", "impl", "mode", "status", "note")
+                             else "left", overflow="fold")
+        for row in self.rows:
+            style = None if row.get("status") == "ok" else "red"
+            table.add_row(*short_row(row), style=style)
+        console.print(table)
+
+
+def render_table_text(rows: list[dict]) -> str:
+    """A plain-text table of rows (used in summaries and tests)."""
+    buf = io.StringIO()
+    buf.write(tabulate([short_row(r) for r in rows], headers=list(SHORT_COLUMNS), tablefmt="simple"))
+    return buf.getvalue()

@@ -1,0 +1,43 @@
+"""The result row: one per (layer, mode, seq, batch), columns as in `measurement.md`.
+
+Units are in the names: `_ms` milliseconds, `_bytes` bytes, `tflops` 1e12 FLOP/s, `gbps` 1e9 bytes/s.
+Memory columns name their source (torch allocator, NVML, process RSS). Unknown is None (null), never 0,
+and the `note` column says why.
+"""
+
+from __future__ import annotations
+
+COLUMNS: tuple[str, ...] = (
+    "layer", "kind", "impl", "device", "dtype", "mode", "seq", "batch", "status", "check",
+    "ms_median", "ms_p20", "ms_p80", "timer", "tokens_per_s", "tflops", "gbps", "pct_roofline",
+    "mem_torch_alloc_bytes", "mem_torch_reserved_bytes", "mem_nvml_device_bytes", "mem_nvml_process_bytes",
+    "mem_rss_peak_bytes", "state_bytes", "flops", "bytes", "note",
+)
+
+# ok: measured and checked; check_failed: measured, but decode disagreed with forward (not to be trusted);
+# oom: out of memory (a result, not a crash); error: any other failure (message in note);
+# skipped: mode not supported by the layer or device; timeout: the cell ran past its time limit.
+STATUSES: tuple[str, ...] = ("ok", "check_failed", "oom", "error", "skipped", "timeout")
+FAILED_STATUSES = frozenset({"check_failed", "error", "timeout"})
+
+INT_COLUMNS = frozenset({
+    "seq", "batch", "mem_torch_alloc_bytes", "mem_torch_reserved_bytes", "mem_nvml_device_bytes",
+    "mem_nvml_process_bytes", "mem_rss_peak_bytes", "state_bytes",
+})
+FLOAT_COLUMNS = frozenset({"ms_median", "ms_p20", "ms_p80", "tokens_per_s", "tflops", "gbps", "pct_roofline",
+                           "flops", "bytes"})
+
+
+def empty_row(**known: object) -> dict:
+    """A row with every column present (None where not yet known)."""
+    unknown = set(known) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    row = dict.fromkeys(COLUMNS)
+    row.update(known)
+    return row
+
+
+def cell_key(row: dict) -> tuple:
+    """Identity of a cell: (layer, mode, seq, batch)."""
+    return (row["layer"], row["mode"], int(row["seq"]), int(row["batch"]))

@@ -1,0 +1,53 @@
+"""The wheel maps kernels/ and layers/ to ovqprof.kernels and ovqprof.layers, never to top-level packages,
+and ships the profiles; both subpackages import from an installed (non-editable) wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(ROOT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (whl,) = out.glob("ovqprof-*.whl")
+    return whl
+
+
+def test_wheel_maps_kernels_and_layers_under_ovqprof(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ovqprof/layers/base.py" in names
+    assert "ovqprof/kernels/__init__.py" in names
+    assert "ovqprof/profiles/quick.yaml" in names and "ovqprof/profiles/default.yaml" in names
+    top_level = {n.split("/")[0] for n in names}
+    assert "kernels" not in top_level and "layers" not in top_level and "tests" not in top_level
+
+
+def test_installed_wheel_imports_both_subpackages(wheel, tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    code = (
+        "import importlib.util, ovqprof.layers, ovqprof.kernels, ovqprof.registry\n"
+        "print(ovqprof.layers.__file__); print(ovqprof.kernels.__file__)\n"
+        "print(importlib.util.find_spec('layers') is None and importlib.util.find_spec('kernels') is None)\n"
+        "print(sorted(t.name for t in ovqprof.registry.all_layer_types()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    layers_file, kernels_file, no_top_level, types = proc.stdout.splitlines()
+    assert layers_file.startswith(str(target)) and kernels_file.startswith(str(target))
+    assert no_top_level == "True"
+    assert "softmax_attention" in types and "linear_attention" in types
