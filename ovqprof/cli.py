@@ -13,7 +13,6 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -161,20 +160,20 @@ def _raise_keyboard_interrupt(signum, frame):
 @app.command()
 @user_errors
 def sweep(
-    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
+    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
                                           "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
-    seq: Optional[str] = typer.Option(None, help="Sequence lengths, overriding the spec: 1k..64k (powers of "
+    seq: str | None = typer.Option(None, help="Sequence lengths, overriding the spec: 1k..64k (powers of "
                                       "two), 512..4k:x2, 1k..8k:+1k, 1k,3k,8k (k = 1024)."),
-    modes: Optional[str] = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
-    batch: Optional[str] = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
-    layers: Optional[str] = typer.Option(None, help="Comma list of layer names from the spec to run."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    modes: str | None = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
+    batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
+    layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
-    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
+    isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
                                            "worker process (default: on for GPU, off for CPU)."),
-    cell_timeout: Optional[float] = typer.Option(None, help="Seconds before an isolated cell is killed and "
+    cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed and "
                                                  "reported as status timeout."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
                                   "%% of roofline column."),
@@ -252,7 +251,7 @@ def layers(
     types = all_layer_types()
     if format == "json":
         doc = [{"type": t.name, "kind": t.kind, "summary": t.summary,
-                "options": [dict(zip(("name", "type", "default", "description"), o)) for o in t.option_table()]}
+                "options": [dict(zip(("name", "type", "default", "description"), o, strict=True)) for o in t.option_table()]}
                for t in types]
         typer.echo(json.dumps(doc, indent=1))
         return
