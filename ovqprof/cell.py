@@ -45,7 +45,7 @@ class CellSettings:
 
 
 # Gate results by layer name, so each layer is checked once per process.
-_GATE_CACHE: dict[tuple, GateResult] = {}  # (name, type, dtype, device, check_seq) -> result
+_GATE_CACHE: dict[tuple, GateResult] = {}  # (layer spec as JSON, device, check_seq) -> result
 
 
 def classify_failure(exc: BaseException) -> str:
@@ -164,7 +164,7 @@ def measure_cell(cell: Cell, settings: CellSettings) -> dict:
             row.update(status="skipped", impl=layer.implementation(), check="n/a",
                        note="layer has no decode path (prefill/step)")
             return row
-        gate_key = (spec.name, spec.type, spec.dtype, settings.device, settings.check_seq)
+        gate_key = (spec.model_dump_json(), settings.device, settings.check_seq)
         if gate_key not in _GATE_CACHE:
             _GATE_CACHE[gate_key] = check_decode_matches_forward(layer, settings.check_seq)
         gate = _GATE_CACHE[gate_key]

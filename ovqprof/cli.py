@@ -6,7 +6,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import functools
 import json
@@ -59,25 +58,21 @@ def _split_list(text: str | None) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _replace(obj, **changes):
-    """Copy a frozen spec object with some fields changed (pydantic model or dataclass)."""
-    if hasattr(obj, "model_copy"):
-        return obj.model_copy(update=changes)
-    return dataclasses.replace(obj, **changes)
-
-
 def _apply_overrides(spec, seq, modes, batch, layers, device):
     from ovqprof.ranges import parse_seq_range
 
     sweep = spec.sweep
     if seq is not None:
-        sweep = _replace(sweep, seq=tuple(parse_seq_range(seq)))
+        try:
+            sweep = sweep.replace(seq=tuple(parse_seq_range(seq)))
+        except UsageError as exc:
+            raise UsageError(f"--seq: {exc}") from None
     if modes is not None:
         wanted = _split_list(modes)
         bad = [m for m in wanted if m not in ("fwd", "bwd", "decode")]
         if bad or not wanted:
             raise UsageError(f"--modes {modes!r} is not valid. Allowed: a comma list of fwd, bwd, decode")
-        sweep = _replace(sweep, modes=tuple(dict.fromkeys(wanted)))
+        sweep = sweep.replace(modes=tuple(dict.fromkeys(wanted)))
     if batch is not None:
         try:
             values = tuple(int(b) for b in _split_list(batch))
@@ -85,7 +80,7 @@ def _apply_overrides(spec, seq, modes, batch, layers, device):
             values = ()
         if not values or min(values) < 1:
             raise UsageError(f"--batch {batch!r} is not valid. Allowed: a comma list of integers >= 1")
-        sweep = _replace(sweep, batch=values)
+        sweep = sweep.replace(batch=values)
     chosen = spec.layers
     if layers is not None:
         names = _split_list(layers)
@@ -95,9 +90,9 @@ def _apply_overrides(spec, seq, modes, batch, layers, device):
             raise UsageError(f"--layers {layers!r}: unknown layer name(s) {unknown} in {spec.file}. "
                              f"Allowed: {', '.join(known)}")
         chosen = tuple(layer for layer in spec.layers if layer.name in names)
-    spec = _replace(spec, sweep=sweep, layers=chosen)
+    spec = spec.replace(sweep=sweep, layers=chosen)
     if device is not None:
-        spec = _replace(spec, defaults=_replace(spec.defaults, device=device))
+        spec = spec.replace(defaults=spec.defaults.replace(device=device))
     return spec
 
 

@@ -18,6 +18,7 @@ build) run only in `load_spec`; `replace` checks field types and bounds.
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +35,7 @@ from ovqprof.layers.base import MODES, LayerConfigError
 from ovqprof.ranges import SEQ_RANGE_FORMS, RangeError, parse_seq_value
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["float32", "float64", "float16", "bfloat16"]
 ModeName = Literal["fwd", "bwd", "decode"]
 TOP_KEYS = ("name", "description", "defaults", "layers", "sweep")
@@ -103,9 +100,9 @@ class SweepSpec(_Frozen):
     @field_validator("modes")
     @classmethod
     def _distinct_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
-        for i, mode in enumerate(modes):
-            if mode in modes[:i]:
-                raise ValueError(f"duplicate mode {mode!r}")
+        duplicate = next((mode for i, mode in enumerate(modes) if mode in modes[:i]), None)
+        if duplicate is not None:
+            raise ValueError(f"duplicate mode {duplicate!r}")
         return modes
 
     @field_validator("seq", "batch")
@@ -158,9 +155,13 @@ class _Doc:
         line = mark.line + 1 if mark is not None else None
         if isinstance(exc, yaml.reader.ReaderError):
             line = text[: exc.position].count("\n") + 1
-            problem = f"unacceptable character {exc.character!r}: {exc.reason}"
+            char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+            problem = f"unacceptable character {char}: {exc.reason}"
         else:
-            parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+            context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context and context_mark is not None and context_mark.line + 1 != line:
+                context += f" started on line {context_mark.line + 1}"  # e.g. where an unclosed [ opened
+            parts = [context, getattr(exc, "problem", None)]
             problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
         return SpecError(f"invalid YAML: {problem}", file=self.file, line=line)
 
@@ -227,11 +228,6 @@ class _Doc:
 
 
 # --- validation ----------------------------------------------------------------------------------------------
-def _type_text(annotation: Any) -> str:
-    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    return text.replace("typing.", "")
-
-
 def _raise_pydantic(doc: _Doc, exc: ValidationError, base: tuple, raw: Any, model: type[BaseModel],
                     use_description: bool, extra_allowed: str) -> None:
     """Turn the first pydantic error into a SpecError at the offending key's line."""
@@ -247,7 +243,8 @@ def _raise_pydantic(doc: _Doc, exc: ValidationError, base: tuple, raw: Any, mode
     kind, ctx = err["type"], err.get("ctx") or {}
     field = model.model_fields.get(str(err["loc"][0])) if err["loc"] else None
     if kind == "extra_forbidden":
-        raise doc.error("unknown key", path, allowed=extra_allowed) from None
+        noun = "key" if use_description else "option"  # only layer options skip the descriptions
+        raise doc.error(f"unknown {noun} {path[-1]!r}", path, allowed=extra_allowed) from None
     if kind == "missing":
         raise doc.error("required key is missing", path, allowed=field.description if field else None) from None
     if use_description and field is not None and field.description:
@@ -255,11 +252,15 @@ def _raise_pydantic(doc: _Doc, exc: ValidationError, base: tuple, raw: Any, mode
     elif kind == "literal_error":
         allowed = f"one of {ctx['expected']}"
     else:
-        allowed = _type_text(field.annotation) if field is not None else None
+        annotation = field.annotation if field is not None else None
+        allowed = getattr(annotation, "__name__", None) if isinstance(annotation, type) else (
+            str(annotation).replace("typing.", "") if annotation is not None else None)
         bounds = [f"{op} {ctx[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in ctx]
         if bounds:
             allowed = f"{allowed or 'a value'} {' and '.join(bounds)}"
     message = err["msg"].removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":  # the regex itself means little to a user; the allowed text says it
+        message = f"invalid {path[-1]}"
     raise doc.error(message[:1].lower() + message[1:], path, err.get("input"), allowed) from None
 
 
@@ -295,6 +296,14 @@ def _sweep(doc: _Doc, raw: Any, defaults: Defaults) -> SweepSpec:
     return _validate(doc, SweepSpec, data, ("sweep",), raw)
 
 
+def _init_params(cls: type) -> str:
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # [1:]: drop self
+    except (TypeError, ValueError):
+        return "unknown"
+    return ", ".join(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "none"
+
+
 def _layer(doc: _Doc, i: int, raw: Any, defaults: Defaults) -> LayerSpec:
     path = ("layers", i)
     if not isinstance(raw, dict):
@@ -320,13 +329,14 @@ def _layer(doc: _Doc, i: int, raw: Any, defaults: Defaults) -> LayerSpec:
         _raise_pydantic(doc, exc, path, options, layer_type.cls.Options if layer_type.is_sequence_layer
                         else BaseModel, False, extra_allowed)
     except LayerConfigError as exc:
-        key = exc.field
+        key, problem, value, allowed = exc.field, exc.problem, exc.value, exc.allowed
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", exc.problem)
         if key == "options" and unexpected:  # constructor TypeError of a plain nn.Module: point at the key
-            key = unexpected.group(1)
+            key, problem, value = unexpected.group(1), "unknown option", options.get(unexpected.group(1))
+            allowed = f"keyword arguments of {layer_type.cls.__name__}: " + _init_params(layer_type.cls)
         # A dimension taken from `defaults` has no line in this entry: point at the entry itself.
         line = None if key in raw else doc.line_of(path)
-        raise doc.error(exc.problem, path + (key,), exc.value, exc.allowed, line=line) from None
+        raise doc.error(problem, path + (key,), value, allowed, line=line) from None
     except Exception as exc:  # a user constructor may raise anything: report it, don't crash
         raise doc.error(f"layer {spec.name!r} of type {spec.type} failed to build: {type(exc).__name__}: {exc}",
                         path) from None
@@ -343,7 +353,8 @@ def load_spec_text(text: str, file: str = "<string>") -> Spec:
     for key in ("defaults", "layers"):
         if key not in raw:
             raise doc.error(f"required key {key!r} is missing", (), allowed="keys " + ", ".join(TOP_KEYS))
-    name, description = raw.get("name", Path(file).stem), raw.get("description") or ""
+    name = raw.get("name", Path(file).stem)
+    description = "" if raw.get("description") is None else raw["description"]
     if not isinstance(name, str) or not name.strip():
         raise doc.error("must be a non-empty string", ("name",), name)
     if not isinstance(description, str):

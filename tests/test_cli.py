@@ -1,0 +1,157 @@
+"""The CLI end to end: sweeps, listing, env, clear errors with exit 2, and interruption keeping rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ovqprof.cli import app
+from ovqprof.registry import BUILTIN_LAYERS
+from ovqprof.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+runner = CliRunner()
+
+
+def _csv_rows(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_sweep_quick_profile_subset_as_csv():
+    result = runner.invoke(app, ["sweep", "--profile", "quick", "--seq", "256", "--modes", "fwd,decode",
+                                 "--layers", "mha,linear", "--format", "csv", "--no-roofline"])
+    assert result.exit_code == 0, result.output
+    rows = _csv_rows(result.stdout)
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        ("mha", "fwd"), ("mha", "decode"), ("linear", "fwd"), ("linear", "decode")]
+    assert all(r["status"] == "ok" and r["check"] == "pass" for r in rows)
+    assert all(r["pct_roofline"] == "" for r in rows)  # --no-roofline: unknown, not 0
+
+
+def test_sweep_json_output_file_has_machine_header(tmp_path):
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["sweep", "-p", "quick", "--seq", "256", "--modes", "fwd", "--layers", "gqa",
+                                 "-f", "json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    for key in ("device", "torch", "triton", "python", "date", "peaks", "git_revision"):
+        assert key in doc["header"]
+    (row,) = doc["rows"]
+    assert row["layer"] == "gqa" and row["status"] == "ok"
+    assert 0 < row["pct_roofline"]
+
+
+def test_no_profile_on_cpu_says_it_uses_quick(monkeypatch):
+    result = runner.invoke(app, ["sweep", "--seq", "256", "--modes", "fwd", "--layers", "mha", "-f", "csv",
+                                 "--no-roofline"])
+    assert result.exit_code == 0, result.output
+    assert "using quick.yaml (no GPU is visible)" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--seq", "4k..1k"], "--seq"),
+    (["--modes", "fwd,sideways"], "Allowed: a comma list of fwd, bwd, decode"),
+    (["--layers", "nope"], "unknown layer name(s) ['nope']"),
+    (["--batch", "0"], "--batch"),
+    (["--format", "xml"], "Allowed: table, csv, json, md"),
+    (["--device", "cuda"], "cannot be used"),
+    (["--output", "/nonexistent-dir/out.csv"], "does not exist"),
+    (["--profile", "no-such-profile"], "no-such-profile"),
+])
+def test_bad_command_line_is_exit_2_without_traceback(args, fragment):
+    result = runner.invoke(app, ["sweep", "-p", "quick", *args] if "--profile" not in args else ["sweep", *args])
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+
+
+def test_malformed_spec_file_is_exit_2_naming_file_line_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: {d_model: 64, heads: 2, head_dim: 32}\nlayers:\n  - name: a\n"
+                   "    type: softmax_attention\n    kv_heads: two\n")
+    result = runner.invoke(app, ["sweep", "--profile", str(bad)])
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert str(bad) in message and "line 5" in message and "layers[0].kv_heads" in message
+    assert "Traceback" not in result.output
+
+
+def test_layers_lists_every_registered_type_with_options():
+    result = runner.invoke(app, ["layers", "--format", "json"])
+    assert result.exit_code == 0
+    doc = {entry["type"]: entry for entry in json.loads(result.stdout)}
+    assert set(doc) == set(BUILTIN_LAYERS)
+    options = {o["name"]: o for o in doc["softmax_attention"]["options"]}
+    assert options["kv_heads"]["default"] == "None" and "window" in options
+    table = runner.invoke(app, ["layers"])
+    assert table.exit_code == 0 and "feature_map" in table.stdout
+
+
+def test_env_reports_versions_and_peaks():
+    result = runner.invoke(app, ["env", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["torch"] and info["python"] and info["device_type"] == "cpu"
+    assert info["nvml"] is False and info["nvml_note"]
+    assert info["peaks"]["float32"]["matmul_flops_per_s"] > 1e8
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_every_profile_loads_and_uses_registered_types(profile):
+    spec = load_spec(profile)
+    assert spec.layers
+    raw = yaml.safe_load(profile.read_text())
+    assert all(entry["type"] in BUILTIN_LAYERS for entry in raw["layers"])
+
+
+def _run_until_rows(tmp_path: Path, min_rows: int, sig: signal.Signals):
+    out = tmp_path / "rows.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "ovqprof", "sweep", "--profile", "quick", "--format", "csv",
+                             "--output", str(out), "--no-roofline"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if out.exists() and len(out.read_text().splitlines()) > min_rows:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_leaves_a_valid_csv_of_finished_rows(tmp_path, sig):
+    code, stderr, out = _run_until_rows(tmp_path, 3, sig)
+    assert code == 130, stderr
+    assert "interrupted:" in stderr and "Traceback" not in stderr
+    rows = _csv_rows(out.read_text())
+    assert 3 <= len(rows) < 72
+    for row in rows:  # every kept row is complete
+        assert row["status"] == "ok" and float(row["ms_median"]) > 0 and row["note"] is not None
+    assert f"{len(rows)} of 72 rows finished and kept" in stderr
+
+
+@pytest.mark.slow
+def test_readme_sweep_prints_rows_for_every_layer_and_mode():
+    proc = subprocess.run([sys.executable, "-m", "ovqprof", "sweep", "--seq", "256..1k", "--format", "csv"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = _csv_rows(proc.stdout)
+    spec = load_spec(ROOT / "profiles" / "quick.yaml")
+    expected = {(layer.name, mode, seq) for layer in spec.layers for mode in ("fwd", "bwd", "decode")
+                for seq in (256, 512, 1024)}
+    assert {(r["layer"], r["mode"], int(r["seq"])) for r in rows} == expected
+    assert {r["status"] for r in rows} == {"ok"}
