@@ -18,7 +18,7 @@ from ovqprof.layers.base import Cost, SequenceLayer
 from ovqprof.measure.memory import MemoryTrackers
 from ovqprof.measure.peaks import Peaks
 from ovqprof.measure.timing import Timing, time_cpu, time_gpu, time_gpu_graph
-from ovqprof.rows import empty_row
+from ovqprof.rows import NOTE_CPU_MEMORY, NOTE_NO_PEAKS, empty_row
 from ovqprof.spec import LayerSpec, torch_dtype
 
 
@@ -87,7 +87,7 @@ def _rates(row: dict, cost: Cost | None, timing: Timing, tokens: int, peaks: Pea
     row["tflops"] = cost.flops / seconds / 1e12
     row["gbps"] = cost.bytes / seconds / 1e9
     if peaks is None:
-        notes.append("no measured device peaks: % of roofline unknown")
+        notes.append(NOTE_NO_PEAKS)
     else:
         roofline_s = max(cost.flops / peaks.matmul_flops_per_s, cost.bytes / peaks.copy_bytes_per_s)
         row["pct_roofline"] = 100.0 * roofline_s / seconds
@@ -198,7 +198,7 @@ def measure_cell(cell: Cell, settings: CellSettings) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type != "cuda":
-        notes.append("memory: torch/nvml columns are GPU-only")
+        notes.append(NOTE_CPU_MEMORY)
     row["note"] = "; ".join(n for n in notes if n) or None
     _drop_nan(row)
     return row

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from ovqprof.errors import OvqprofError, SpecError, UsageError
 from ovqprof.output import FORMATS, RowWriter, check_output_writable
-from ovqprof.rows import FAILED_STATUSES, STATUSES
+from ovqprof.rows import FAILED_STATUSES, NOTE_CPU_MEMORY, NOTE_NO_PEAKS, STATUSES
 
 app = typer.Typer(
     help="Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity.",
@@ -204,6 +204,8 @@ def sweep(
         for dtype_name in sorted({layer.dtype for layer in spec.layers}):
             peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
     header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
+    header["notes"] = [note for note, applies in ((NOTE_CPU_MEMORY, run_device.type != "cuda"),
+                                                  (NOTE_NO_PEAKS, not roofline)) if applies]
     settings = CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
                             check_seq=spec.sweep.check_seq, peaks=peaks)
     cells = plan_cells(spec)

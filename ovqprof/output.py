@@ -11,7 +11,6 @@ Rows are written as they finish so an interrupted sweep keeps every finished row
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -22,13 +21,15 @@ from typing import TextIO
 from tabulate import tabulate
 
 from ovqprof.errors import UsageError
-from ovqprof.rows import COLUMNS
+from ovqprof.rows import COLUMNS, RUN_WIDE_NOTES
 
 FORMATS = ("table", "csv", "json", "md")
 
 # Columns shown in the terminal table and Markdown (all columns go to CSV and JSON).
 SHORT_COLUMNS = ("layer", "impl", "mode", "seq", "batch", "status", "ms_median", "ms_p20", "ms_p80",
                  "tokens_per_s", "tflops", "gbps", "pct_roofline", "mem_peak", "state_bytes", "note")
+SHORT_HEADERS = ("layer", "impl", "mode", "seq", "batch", "status", "ms", "p20", "p80", "tok/s", "TFLOP/s",
+                 "GB/s", "%roof", "peak mem", "state", "note")
 
 
 def check_output_writable(path: Path) -> None:
@@ -57,19 +58,15 @@ def human_bytes(n: float | None) -> str:
 
 
 def _fmt_number(value: object) -> str:
+    """Three significant digits, with k/M/G suffixes for large numbers."""
     if value is None:
         return "-"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if value == 0:
-            return "0"
-        if abs(value) >= 1e5:
-            return f"{value:.3g}"
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        if abs(value) >= 1:
-            return f"{value:.3g}"
+        for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g}{suffix}"
         return f"{value:.3g}"
     return str(value)
 
@@ -92,8 +89,9 @@ def short_row(row: dict) -> list[str]:
         elif col == "state_bytes":
             out.append(human_bytes(row.get(col)))
         elif col == "note":
-            note = row.get("note") or ""
-            out.append(note if len(note) <= 60 else note[:57] + "...")
+            parts = [p for p in (row.get("note") or "").split("; ") if p and p not in RUN_WIDE_NOTES]
+            note = "; ".join(parts)
+            out.append(note if len(note) <= 70 else note[:67] + "...")
         else:
             out.append(_fmt_number(row.get(col)))
     return out
@@ -101,7 +99,8 @@ def short_row(row: dict) -> list[str]:
 
 def _header_lines(header: dict) -> list[str]:
     keys = ("device", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile", "argv")
-    return [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]
+    lines = [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]
+    return lines + [f"- note: {note}" for note in header.get("notes", [])]
 
 
 class RowWriter:
@@ -135,7 +134,7 @@ class RowWriter:
         elif self.fmt == "md":
             self._stream = self._open_stream()
             lines = ["# ovqprof results", "", *_header_lines(self.header), "",
-                     "| " + " | ".join(SHORT_COLUMNS) + " |", "|" + "---|" * len(SHORT_COLUMNS)]
+                     "| " + " | ".join(SHORT_HEADERS) + " |", "|" + "---|" * len(SHORT_HEADERS)]
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
         elif self.path is not None:
@@ -179,7 +178,9 @@ class RowWriter:
                           default=str) + "\n"
 
     def table_text(self) -> str:
-        return tabulate([short_row(r) for r in self.rows], headers=list(SHORT_COLUMNS), tablefmt="simple")
+        return tabulate([short_row(r) for r in self.rows], headers=list(SHORT_HEADERS), tablefmt="simple",
+                        disable_numparse=True, colalign=["left"] * 3 + ["right"] * 2 + ["left"] +
+                        ["right"] * 9 + ["left"])
 
     def _rewrite(self) -> None:
         """Write the whole document to a temporary file and rename it over the target (atomic)."""
@@ -194,22 +195,21 @@ class RowWriter:
         os.replace(tmp, self.path)
 
     def _print_rich_table(self) -> None:
+        """A rich table on a terminal; plain text (tabulate) when stdout is a pipe or a file."""
+        if not self.stdout.isatty():
+            self.stdout.write("\n".join(_header_lines(self.header)) + "\n\n" + self.table_text() + "\n")
+            return
         from rich.console import Console
         from rich.table import Table
 
-        console = Console(file=self.stdout, width=max(160, Console().width))
+        console = Console(file=self.stdout)
         table = Table(title=f"ovqprof sweep: {self.header.get('device')}", title_justify="left")
-        for col in SHORT_COLUMNS:
+        for col in SHORT_HEADERS:
             table.add_column(col, justify="right" if col not in ("layer", "impl", "mode", "status", "note")
                              else "left", overflow="fold")
+        for line in self.header.get("notes", []):
+            table.caption = (table.caption + "; " if table.caption else "note: ") + line
         for row in self.rows:
             style = None if row.get("status") == "ok" else "red"
             table.add_row(*short_row(row), style=style)
         console.print(table)
-
-
-def render_table_text(rows: list[dict]) -> str:
-    """A plain-text table of rows (used in summaries and tests)."""
-    buf = io.StringIO()
-    buf.write(tabulate([short_row(r) for r in rows], headers=list(SHORT_COLUMNS), tablefmt="simple"))
-    return buf.getvalue()

@@ -20,6 +20,11 @@ COLUMNS: tuple[str, ...] = (
 STATUSES: tuple[str, ...] = ("ok", "check_failed", "oom", "error", "skipped", "timeout")
 FAILED_STATUSES = frozenset({"check_failed", "error", "timeout"})
 
+# Notes that hold for every row of a run; tables and Markdown show them once, under the header, not per row.
+NOTE_CPU_MEMORY = "memory: torch/nvml columns are GPU-only"
+NOTE_NO_PEAKS = "no measured device peaks: % of roofline unknown"
+RUN_WIDE_NOTES = (NOTE_CPU_MEMORY, NOTE_NO_PEAKS)
+
 INT_COLUMNS = frozenset({
     "seq", "batch", "mem_torch_alloc_bytes", "mem_torch_reserved_bytes", "mem_nvml_device_bytes",
     "mem_nvml_process_bytes", "mem_rss_peak_bytes", "state_bytes",
