@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,8 @@ class LayerType:
             return []
         rows = []
         for fname, field in self.cls.Options.model_fields.items():
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            annotation = annotation.replace("typing.", "")
+            plain = typing.get_origin(field.annotation) is None and hasattr(field.annotation, "__name__")
+            annotation = field.annotation.__name__ if plain else str(field.annotation).replace("typing.", "")
             default = "required" if field.is_required() else repr(field.get_default())
             rows.append((fname, annotation, default, field.description or ""))
         return rows
