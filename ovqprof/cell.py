@@ -193,6 +193,7 @@ def measure_cell(cell: Cell, settings: CellSettings) -> dict:
             row["impl"] = layer.implementation()
         notes.append(failure_note(exc))
     finally:
+        trackers.close()  # a cell that failed mid-measurement must not leave the NVML sampler running
         del layer
         gc.collect()
         if device.type == "cuda":

@@ -107,6 +107,13 @@ class NvmlTracker:
         self._thread = threading.Thread(target=self._loop, name="ovqprof-nvml", daemon=True)
         self._thread.start()
 
+    def close(self) -> None:
+        """End the sampling thread without reporting (the measured region failed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def stop(self) -> MemoryReport:
         if self.handle is None:
             return MemoryReport(dict.fromkeys(self.columns), [f"nvml: {self.unavailable}"])
@@ -176,3 +183,9 @@ class MemoryTrackers:
         for t in reversed(self.trackers):
             report.merge(t.stop())
         return report
+
+    def close(self) -> None:
+        """Release background samplers; safe to call after stop() or when start() never ran."""
+        for t in self.trackers:
+            if hasattr(t, "close"):
+                t.close()
