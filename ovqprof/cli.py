@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one paragraph
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
@@ -148,6 +149,22 @@ class _Progress:
             self.bar.advance(self.task)
 
 
+def _resume_command(output: Path) -> str:
+    """This command line with --output/--resume replaced by `--resume output`."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--output", "-o", "--resume"):
+            skip = True
+            continue
+        if arg.startswith(("--output=", "--resume=")):
+            continue
+        args.append(shlex.quote(arg))
+    return " ".join(["ovqprof", *args, "--resume", shlex.quote(str(output))])
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -172,12 +189,15 @@ def sweep(
                                                  "reported as status timeout."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
                                   "%% of roofline column."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted sweep: skip the "
+                                          "cells already in this CSV or JSON file and append the rest to it."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
     from ovqprof.cell import CellSettings
     from ovqprof.machine import machine_info
     from ovqprof.measure.peaks import measure_peaks
+    from ovqprof.resume import done_cells, read_rows
     from ovqprof.spec import load_spec, resolve_profile, torch_dtype
     from ovqprof.sweep import plan_cells, run_sweep
 
@@ -189,6 +209,17 @@ def sweep(
     spec = load_spec(resolve_profile(profile))
     spec = _apply_overrides(spec, seq, modes, batch, layers, device)
     run_device = _resolve_run_device(spec, device)
+    existing: list[dict] = []
+    if resume is not None:
+        if output is not None and output.resolve() != resume.resolve():
+            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
+                             "(rows are appended to FILE)")
+        format, existing, old_header = read_rows(resume)
+        output = resume
+        if old_header and old_header.get("device") != machine_info(run_device)["device"]:
+            raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
+                             "device; its rows cannot be mixed with new ones. Allowed: a result file from "
+                             "this device, or a new --output file")
     if output is not None:
         check_output_writable(output)
     if isolate is None:
@@ -209,8 +240,12 @@ def sweep(
     settings = CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
                             check_seq=spec.sweep.check_seq, peaks=peaks)
     cells = plan_cells(spec)
+    if resume is not None:
+        done = done_cells(existing)
+        cells = [c for c in cells if (c.layer.name, c.mode, c.seq, c.batch) not in done]
+        err_console.print(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    writer = RowWriter(format, output, header)
+    writer = RowWriter(format, output, header, existing_rows=existing)
     rows: list[dict] = []
     try:
         with writer, _Progress(len(cells)) as progress:
@@ -222,8 +257,13 @@ def sweep(
             run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
                       on_start=progress.start)
     except KeyboardInterrupt:
+        if output is None:
+            how = "Write rows to a file with --output FILE to be able to resume."
+        else:
+            how = f"Resume with: {_resume_command(output)}"
         where = f" in {output}" if output else ""
-        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}.")
+        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}. {how}",
+                          soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

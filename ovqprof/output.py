@@ -106,13 +106,16 @@ def _header_lines(header: dict) -> list[str]:
 class RowWriter:
     """Writes rows in one format to `path` (or stdout when None). Use as a context manager."""
 
-    def __init__(self, fmt: str, path: Path | None, header: dict, stdout: TextIO | None = None):
+    def __init__(self, fmt: str, path: Path | None, header: dict, stdout: TextIO | None = None,
+                 existing_rows: list[dict] | None = None):
+        """`existing_rows`: rows already in `path` (resuming); new rows are appended after them."""
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r} is not known. Allowed: {', '.join(FORMATS)}")
         self.fmt = fmt
         self.path = path
         self.header = header
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(existing_rows or [])
+        self._appending = bool(existing_rows) and path is not None
         self.stdout = stdout or sys.stdout
         self._stream: TextIO | None = None
         self._csv: csv.DictWriter | None = None
@@ -129,7 +132,8 @@ class RowWriter:
         if self.fmt == "csv":
             self._stream = self._open_stream()
             self._csv = csv.DictWriter(self._stream, fieldnames=list(COLUMNS), lineterminator="\n")
-            self._csv.writeheader()
+            if not self._appending:
+                self._csv.writeheader()
             self._stream.flush()
         elif self.fmt == "md":
             self._stream = self._open_stream()
@@ -171,7 +175,7 @@ class RowWriter:
     def _open_stream(self) -> TextIO:
         if self.path is None:
             return self.stdout
-        return open(self.path, "w", newline="")
+        return open(self.path, "a" if self._appending else "w", newline="")
 
     def json_text(self) -> str:
         return json.dumps({"header": self.header, "rows": self.rows}, indent=1, allow_nan=False,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_spec import MALFORMED
 from typer.testing import CliRunner
 
 from ovqprof.cli import app
@@ -116,19 +117,89 @@ def test_every_profile_loads_and_uses_registered_types(profile):
     assert all(entry["type"] in BUILTIN_LAYERS for entry in raw["layers"])
 
 
-def _run_until_rows(tmp_path: Path, min_rows: int, sig: signal.Signals):
-    out = tmp_path / "rows.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "ovqprof", "sweep", "--profile", "quick", "--format", "csv",
-                             "--output", str(out), "--no-roofline"], cwd=ROOT, stdout=subprocess.PIPE,
+SWEEP_ARGS = ["sweep", "--profile", "quick", "--no-roofline"]
+
+
+@pytest.mark.parametrize(("file", "line", "field", "fragments"), MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_every_malformed_spec_is_exit_2_with_its_message(file, line, field, fragments, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    result = runner.invoke(app, ["sweep", "--profile", str(ROOT / "tests" / "specs" / file)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    for fragment in [*fragments, *([f"field {field}"] if field else []), *([f"line {line}"] if line else [])]:
+        assert " ".join(fragment.split()) in message, message
+    assert "Traceback" not in result.output
+
+
+def _run_until_rows(tmp_path: Path, min_rows: int, sig: signal.Signals, suffix: str = "csv"):
+    out = tmp_path / f"rows.{suffix}"
+    proc = subprocess.Popen([sys.executable, "-m", "ovqprof", *SWEEP_ARGS, "--format", suffix,
+                             "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if out.exists() and len(out.read_text().splitlines()) > min_rows:
+        if out.exists() and _count_rows(out) >= min_rows:
             break
         time.sleep(0.05)
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)
     return proc.returncode, stderr, out
+
+
+def _count_rows(path: Path) -> int:
+    text = path.read_text()
+    if path.suffix == ".csv":
+        return max(0, text.count("\n") - 1)
+    try:
+        return len(json.loads(text)["rows"])
+    except ValueError:
+        return 0
+
+
+def _quick_cells() -> set[tuple]:
+    spec = load_spec(ROOT / "profiles" / "quick.yaml")
+    return {(layer.name, mode, seq, 1) for layer in spec.layers for mode in spec.sweep.modes
+            for seq in spec.sweep.seq}
+
+
+def _resume(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ovqprof", *SWEEP_ARGS, "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "suffix"), [(signal.SIGKILL, "csv"), (signal.SIGINT, "json")],
+                         ids=["SIGKILL-csv", "SIGINT-json"])
+def test_resume_completes_exactly_the_missing_cells(tmp_path, sig, suffix):
+    code, stderr, out = _run_until_rows(tmp_path, 5, sig, suffix)
+    assert code == (-9 if sig == signal.SIGKILL else 130), stderr
+    if sig == signal.SIGINT:
+        assert f"Resume with: ovqprof sweep --profile quick --no-roofline --format {suffix} --resume {out}" \
+            in " ".join(stderr.split())
+    kept = _count_rows(out)
+    assert 5 <= kept < 72
+    proc = _resume(out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{kept} rows already there, {72 - kept} cells to run" in proc.stderr
+    if suffix == "csv":
+        rows = _csv_rows(out.read_text())
+    else:
+        rows = json.loads(out.read_text())["rows"]
+    keys = [(r["layer"], r["mode"], int(r["seq"]), int(r["batch"])) for r in rows]
+    assert len(keys) == len(set(keys)) == 72
+    assert set(keys) == _quick_cells()
+
+
+def test_resume_refuses_a_file_that_is_not_a_result(tmp_path):
+    bad = tmp_path / "notes.csv"
+    bad.write_text("a,b\n1,2\n")
+    result = runner.invoke(app, [*SWEEP_ARGS, "--resume", str(bad)])
+    assert result.exit_code == 2
+    assert "is not an ovqprof result file" in result.stderr
+    md = tmp_path / "rows.md"
+    md.write_text("| x |\n")
+    result = runner.invoke(app, [*SWEEP_ARGS, "--resume", str(md)])
+    assert result.exit_code == 2 and "cannot resume a .md file" in result.stderr
 
 
 @pytest.mark.slow

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from ovqprof.cell import CellSettings
@@ -105,3 +111,26 @@ def test_isolated_worker_turns_a_segfault_and_a_hang_into_rows():
     assert "SIGSEGV" in cells[("crash", "fwd", 64)]["note"]
     assert cells[("hang", "fwd", 32)]["status"] == "ok"
     assert cells[("hang", "fwd", 64)]["status"] == "timeout"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_becomes_an_error_row_and_the_sweep_goes_on():
+    spec = _spec("  - {name: hang, type: 'failing_layers:ToyLayer', fail: hang, fail_at_seq: 64}\n"
+                 "  - {name: after, type: softmax_attention}", modes="[fwd]", seq="[64]")
+
+    def kill_first_worker():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            workers = mp.active_children()
+            if workers:
+                time.sleep(2.0)  # let it reach the hang
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    rows = _run(spec, isolate=True)
+    killer.join()
+    assert [(r["layer"], r["status"]) for r in rows] == [("hang", "error"), ("after", "ok")]
+    assert "killed by SIGKILL" in rows[0]["note"]

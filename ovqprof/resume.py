@@ -1,0 +1,73 @@
+"""Read the rows of an earlier (possibly interrupted) result file, so `--resume FILE` can skip the cells
+already there and append the rest."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ovqprof.errors import UsageError
+from ovqprof.rows import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, cell_key
+
+RESUMABLE_FORMATS = {".csv": "csv", ".json": "json"}
+
+
+def resume_format(path: Path) -> str:
+    fmt = RESUMABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--resume {path}: cannot resume a {path.suffix or 'suffix-less'} file. Allowed: a "
+                         ".csv or .json file written by `ovqprof sweep --output`")
+    return fmt
+
+
+def _typed(row: dict) -> dict:
+    out = {}
+    for col in COLUMNS:
+        value = row.get(col)
+        if value in ("", None):
+            out[col] = None
+        elif col in INT_COLUMNS:
+            out[col] = int(value)
+        elif col in FLOAT_COLUMNS:
+            out[col] = float(value)
+        else:
+            out[col] = value
+    return out
+
+
+def read_rows(path: Path) -> tuple[str, list[dict], dict | None]:
+    """(format, rows, JSON header or None) of a result file. A CSV line cut short by a killed writer is
+    dropped from the file so appending continues on a clean line."""
+    fmt = resume_format(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"--resume {path} cannot be read ({exc.strerror}). Allowed: an existing result file "
+                         "written by `ovqprof sweep --output`") from exc
+    not_ours = UsageError(f"--resume {path} is not an ovqprof result file (its columns differ). Allowed: a file "
+                          "written by `ovqprof sweep --output` with --format csv or json")
+    try:
+        if fmt == "csv":
+            if text and not text.endswith("\n"):
+                text = text[: text.rfind("\n") + 1]
+                path.write_text(text)
+            reader = csv.DictReader(io.StringIO(text))
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise not_ours
+            return fmt, [_typed(r) for r in reader], None
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+            raise not_ours
+        rows = doc["rows"]
+        if any(not isinstance(r, dict) or set(r) != set(COLUMNS) for r in rows):
+            raise not_ours
+        return fmt, [_typed(r) for r in rows], doc.get("header")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"--resume {path} cannot be parsed ({exc}). Allowed: a file written by "
+                         "`ovqprof sweep --output` with --format csv or json") from exc
+
+
+def done_cells(rows: list[dict]) -> set[tuple]:
+    return {cell_key(r) for r in rows}
