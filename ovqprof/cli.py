@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one paragraph
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
 
 
@@ -234,6 +234,9 @@ def sweep(
     if roofline:
         for dtype_name in sorted({layer.dtype for layer in spec.layers}):
             peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
+    if header.get("gpu_other_processes"):
+        err_console.print(f"[yellow]warning:[/] other processes hold memory on this GPU "
+                          f"({header['gpu_other_processes']}); device-wide NVML figures include their changes")
     header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
     header["notes"] = [note for note, applies in ((NOTE_CPU_MEMORY, run_device.type != "cuda"),
                                                   (NOTE_NO_PEAKS, not roofline)) if applies]
@@ -265,6 +268,10 @@ def sweep(
         err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}. {how}",
                           soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as exc:  # disk full or the output vanished mid-sweep: say so, keep what was written
+        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} of "
+                    f"{len(cells)} rows were finished before the failure. Free space or choose another "
+                    "--output, then continue with --resume.", EXIT_INFRASTRUCTURE) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}

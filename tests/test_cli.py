@@ -226,3 +226,25 @@ def test_readme_sweep_prints_rows_for_every_layer_and_mode():
                 for seq in (256, 512, 1024)}
     assert {(r["layer"], r["mode"], int(r["seq"])) for r in rows} == expected
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_debug_shows_the_underlying_exception(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [1, 2\n")
+    result = runner.invoke(app, ["sweep", "--profile", str(bad), "--debug"])
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "SpecError"
+
+
+def test_a_write_failure_mid_sweep_is_one_paragraph_exit_4(tmp_path, monkeypatch):
+    from ovqprof import output
+
+    def disk_full(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.RowWriter, "write", disk_full)
+    result = runner.invoke(app, [*SWEEP_ARGS, "--seq", "256", "--modes", "fwd", "--layers", "mha", "-f", "csv",
+                                 "-o", str(tmp_path / "r.csv")])
+    assert result.exit_code == 4
+    assert "No space left on device" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.output
