@@ -31,6 +31,11 @@ class Cell:
     seq: int
     batch: int
 
+    @property
+    def key(self) -> tuple:
+        """The identity its row will have: `ovqprof.rows.cell_key` of that row."""
+        return (self.layer.name, self.mode, self.seq, self.batch)
+
 
 @dataclass(frozen=True)
 class CellSettings:
@@ -44,8 +49,9 @@ class CellSettings:
     peaks: dict[str, Peaks] = field(default_factory=dict)
 
 
-# Gate results by layer name, so each layer is checked once per process.
-_GATE_CACHE: dict[tuple, GateResult] = {}  # (layer spec as JSON, device, check_seq) -> result
+# Gate results, so each layer configuration is checked once per process:
+# (layer spec as JSON, device, check_seq) -> result.
+_GATE_CACHE: dict[tuple, GateResult] = {}
 
 
 def classify_failure(exc: BaseException) -> str:

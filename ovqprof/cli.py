@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from ovqprof.errors import OvqprofError, SpecError, UsageError
+from ovqprof.layers.base import MODES
 from ovqprof.output import FORMATS, RowWriter, check_output_writable
 from ovqprof.rows import FAILED_STATUSES, NOTE_CPU_MEMORY, NOTE_NO_PEAKS, STATUSES
 
@@ -34,7 +35,7 @@ DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph mes
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
 
 
@@ -70,9 +71,9 @@ def _apply_overrides(spec, seq, modes, batch, layers, device):
             raise UsageError(f"--seq: {exc}") from None
     if modes is not None:
         wanted = _split_list(modes)
-        bad = [m for m in wanted if m not in ("fwd", "bwd", "decode")]
+        bad = [m for m in wanted if m not in MODES]
         if bad or not wanted:
-            raise UsageError(f"--modes {modes!r} is not valid. Allowed: a comma list of fwd, bwd, decode")
+            raise UsageError(f"--modes {modes!r} is not valid. Allowed: a comma list of {', '.join(MODES)}")
         sweep = sweep.replace(modes=tuple(dict.fromkeys(wanted)))
     if batch is not None:
         try:
@@ -209,6 +210,7 @@ def sweep(
     spec = load_spec(resolve_profile(profile))
     spec = _apply_overrides(spec, seq, modes, batch, layers, device)
     run_device = _resolve_run_device(spec, device)
+    header = machine_info(run_device)
     existing: list[dict] = []
     if resume is not None:
         if output is not None and output.resolve() != resume.resolve():
@@ -216,7 +218,7 @@ def sweep(
                              "(rows are appended to FILE)")
         format, existing, old_header = read_rows(resume)
         output = resume
-        if old_header and old_header.get("device") != machine_info(run_device)["device"]:
+        if old_header and old_header.get("device") != header["device"]:
             raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
                              "device; its rows cannot be mixed with new ones. Allowed: a result file from "
                              "this device, or a new --output file")
@@ -227,7 +229,6 @@ def sweep(
     if cell_timeout is not None and not isolate:
         raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
 
-    header = machine_info(run_device)
     header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
                   isolate=isolate)
     peaks = {}
@@ -245,7 +246,7 @@ def sweep(
     cells = plan_cells(spec)
     if resume is not None:
         done = done_cells(existing)
-        cells = [c for c in cells if (c.layer.name, c.mode, c.seq, c.batch) not in done]
+        cells = [c for c in cells if c.key not in done]
         err_console.print(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     writer = RowWriter(format, output, header, existing_rows=existing)
@@ -265,8 +266,7 @@ def sweep(
         else:
             how = f"Resume with: {_resume_command(output)}"
         where = f" in {output}" if output else ""
-        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}. {how}",
-                          soft_wrap=True)
+        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}. {how}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except OSError as exc:  # disk full or the output vanished mid-sweep: say so, keep what was written
         raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} of "
