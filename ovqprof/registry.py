@@ -21,6 +21,7 @@ from ovqprof.layers.base import Cost, LayerConfigError, LayerOptions, SequenceLa
 BUILTIN_LAYERS: dict[str, str] = {
     "softmax_attention": "ovqprof.layers.softmax_attention:SoftmaxAttention",
     "linear_attention": "ovqprof.layers.linear_attention:LinearAttention",
+    "ovq": "ovqprof.layers.ovq:OVQAttention",
 }
 
 

@@ -1,0 +1,186 @@
+"""OVQ-attention (Zyphra, arXiv 2602.03922): attention over a dictionary of key/value centroids learned online.
+
+The layer is projections around the core in `ovqprof.kernels.ovq`: q, k, v = x W_q, x W_k, x W_v split into H
+heads, q and k L2-normalised per head (no positional encoding), the core's output merged and projected by W_o.
+The algorithm, and every choice this project made where the paper is silent, is in
+`../shared/design/ovq-attention.md`; the options below map one to one onto `OVQConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
+
+from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class OVQOptions(LayerOptions):
+    dict_size: int = Field(1024, ge=1, description="N: key/value centroid slots per head")
+    chunk_size: int = Field(64, ge=1, description="L: tokens per chunk; the dictionary is written every L tokens")
+    beta: float | None = Field(None, gt=0, description="inverse temperature of the read; default sqrt(head_dim)")
+    learn_beta: bool = Field(False, description="make beta a learned parameter per head")
+    growth: Literal["saturating", "dp", "linear", "full"] = Field(
+        "saturating", description="active-slot schedule g(t): saturating N t/(N+t), dp alpha ln(1+t/alpha), "
+                                  "linear rate t, full t (capped at N)")
+    alpha: float = Field(128.0, gt=0, description="concentration of the dp schedule")
+    rate: float = Field(0.125, gt=0, le=1, description="slots per token of the linear schedule")
+    init: Literal["spread", "random"] = Field(
+        "spread", description="new slots' keys: spread (farthest-first from the chunk) or random (seeded)")
+    seed: int = Field(0, description="seed of init: random")
+    lr: Literal["adaptive", "constant"] = Field(
+        "adaptive", description="centroid update: adaptive (running mean, step 1/count) or constant (step eta)")
+    eta: float = Field(0.1, gt=0, le=1, description="step of lr: constant")
+    normalize_centroids: bool = Field(True, description="score with normalised key centroids Mk/|Mk|")
+    grad_through_state: bool = Field(True, description="backpropagate through the dictionary across chunks")
+
+
+class OVQAttention(SequenceLayer):
+    """OVQ-attention: dense read over N online k-means centroids plus the causal chunk; linear time, constant state.
+
+    Defaults: N = 1024 slots, L = 64, beta = sqrt(head_dim), saturating growth N t / (N + t), spread init,
+    adaptive (running-mean) updates, normalised centroids, gradients through the state. Math and the decode
+    state run in float32 for fp16/bf16 layers (running means in half precision drift).
+
+    Cost model (per call; B batch, T tokens, H heads, dk = dv = dh, D d_model, el / ea bytes per element of
+    the layer / of the math, n_c active slots at the start of chunk c, m_c slots it spawns, Tp = T rounded up
+    to a multiple of L):
+    - fwd: proj 8*B*T*D*H*dh; read per chunk 2*L*(n_c + L)*(dk + dv) (scores and weighted sum over the
+      dictionary and the full L x L local block); assignment 2*L*(n_c + m_c)*dk; merge 2*L*(dk + dv).
+      bytes = weights + x, y + q, k, v, o written and read once (8*B*T*H*dh*el) + the active dictionary read
+      once per chunk (B*H*n_c*(dk + dv + 1)*ea: a fused kernel's floor, since it does not fit on chip).
+    - bwd (forward + backward): 3 x fwd flops and bytes (an estimate, as for the other layers).
+    - decode at context T: proj 8*B*D*H*dh + read 2*B*H*(n + j + 1)*(dk + dv) with n = active slots after T
+      tokens and j = T mod L buffered; bytes = weights + dictionary and buffer read (state_bytes) + x_t, y_t.
+      The flush every L tokens is not in the timed step unless T mod L = L - 1.
+    """
+
+    kind = "ovq"
+    Options = OVQOptions
+    supports_decode = True
+    # The step slices the dictionary by host-side counts and flushes every L tokens: not graph-capturable.
+    supports_cuda_graph = False
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, options: OVQOptions | None = None):
+        super().__init__(d_model, heads, head_dim, options)
+        o = self.options
+        inner = heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        beta = torch.full((heads,), o.beta if o.beta is not None else math.sqrt(head_dim))
+        if o.learn_beta:
+            self.beta = nn.Parameter(beta)
+        else:
+            self.register_buffer("beta", beta, persistent=False)
+        try:
+            self.config = OVQConfig(
+                dict_size=o.dict_size, chunk_size=o.chunk_size, growth=o.growth, alpha=o.alpha, rate=o.rate,
+                init=o.init, seed=o.seed, lr=o.lr, eta=o.eta, normalize_centroids=o.normalize_centroids,
+                grad_through_state=o.grad_through_state)
+        except ValueError as exc:  # options validate their own ranges; this is a safety net
+            raise LayerConfigError("options", str(exc), o.model_dump(), "see `ovqprof layers`") from exc
+
+    # --- helpers -------------------------------------------------------------------------------------
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        """dtype of the core's math and of the decode state: float32 for fp16/bf16 layers."""
+        return torch.float32 if self.dtype in _HALF else self.dtype
+
+    def active_slots(self, tokens: int) -> int:
+        """Active dictionary slots after `tokens` tokens (partial chunks are not yet written)."""
+        return active_after(self.config, tokens)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x[B, T, D] -> unit-norm q, k and v [B, H, T, dh] in the math dtype."""
+        B, T, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(self.accum_dtype)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+
+    def _output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """o[B, H, T, dh] -> y[B, T, D] in the input dtype."""
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim).to(dtype))
+
+    def _beta(self) -> torch.Tensor:
+        return self.beta.to(self.accum_dtype)
+
+    # --- the interface -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x[B, T, D] -> y[B, T, D]."""
+        o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
+        return self._output(o, x.dtype)
+
+    def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, OVQState]:
+        """Run the prompt x[B, T, D]; return y[B, T, D] and the detached state (floor(T/L) chunks written,
+        T mod L tokens buffered). `capacity` is irrelevant: the state has a fixed size."""
+        o, state = ovq_chunked(*self.project(x), self._beta(), self.config)
+        state = OVQState(state.keys.detach().clone(), state.values.detach().clone(), state.counts.detach().clone(),
+                         state.active, state.written, state.buf_k, state.buf_v, state.buf_len)
+        return self._output(o, x.dtype), state
+
+    @torch.no_grad()
+    def step(self, x_t: torch.Tensor, state: OVQState) -> tuple[torch.Tensor, OVQState]:
+        """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and the next state (the input is not changed)."""
+        o, state = ovq_step(*self.project(x_t), self._beta(), self.config, state)
+        return self._output(o, x_t.dtype), state
+
+    def state_bytes(self, batch: int, seq: int) -> int:
+        """B * H * (N * (dk + dv + 1) + (L - 1) * (dk + dv)) * math bytes: dictionary, counts and buffer,
+        preallocated, so independent of `seq`."""
+        N, L, dh = self.config.dict_size, self.config.chunk_size, self.head_dim
+        per_head = N * (2 * dh + 1) + (L - 1) * 2 * dh
+        return batch * self.heads * per_head * torch.empty((), dtype=self.accum_dtype).element_size()
+
+    def state_tensor_bytes(self, state: OVQState) -> int:
+        """Bytes actually held by a decode state (what `state_bytes` predicts)."""
+        return tensor_bytes(state)
+
+    def _chunk_work(self, seq: int) -> tuple[float, float]:
+        """(core FLOPs, dictionary elements read) per batch element and head over a forward of `seq` tokens."""
+        cfg, dh = self.config, self.head_dim
+        L = cfg.chunk_size
+        flops = 0.0
+        dict_elems = 0.0
+        for c in range(-(-seq // L)):
+            n, m = spawn_count(cfg, c) if (c + 1) * L <= seq else (active_after(cfg, c * L), 0)
+            flops += 2 * L * (n + L) * 2 * dh
+            if (c + 1) * L <= seq:
+                flops += 2 * L * (n + m) * dh + 2 * L * 2 * dh
+            dict_elems += n * (2 * dh + 1)
+        return flops, dict_elems
+
+    def cost(self, mode: str, batch: int, seq: int) -> Cost:
+        B, T, D, H, dh = batch, seq, self.d_model, self.heads, self.head_dim
+        el, weights = self.element_size, self.weight_bytes()
+        ea = torch.empty((), dtype=self.accum_dtype).element_size()
+        proj_per_token = 8 * D * H * dh
+        if mode in ("fwd", "bwd"):
+            core_flops, dict_elems = self._chunk_work(T)
+            flops = B * T * proj_per_token + B * H * core_flops
+            nbytes = weights + 2 * B * T * D * el + 8 * B * T * H * dh * el + B * H * dict_elems * ea
+            scale = 1 if mode == "fwd" else 3
+            return Cost(float(scale * flops), float(scale * nbytes))
+        if mode == "decode":
+            n, j = self.active_slots(T), T % self.config.chunk_size
+            flops = B * proj_per_token + 2 * B * H * (n + j + 1) * 2 * dh
+            read_bytes = B * H * (n * (2 * dh + 1) + j * 2 * dh) * ea
+            nbytes = weights + read_bytes + 2 * B * D * el
+            return Cost(float(flops), float(nbytes))
+        raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
+
+    def implementation(self) -> str:
+        return "torch-chunked"
