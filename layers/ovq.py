@@ -17,6 +17,8 @@ from pydantic import Field
 from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
+from ovqprof.kernels.ovq.config import triton_unsupported
+from ovqprof.kernels.ovq.reference import advance
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -41,6 +43,9 @@ class OVQOptions(LayerOptions):
     eta: float = Field(0.1, gt=0, le=1, description="step of lr: constant")
     normalize_centroids: bool = Field(True, description="score with normalised key centroids Mk/|Mk|")
     grad_through_state: bool = Field(True, description="backpropagate through the dictionary across chunks")
+    impl: Literal["auto", "reference", "triton"] = Field(
+        "auto", description="core implementation: auto (Triton kernels on CUDA when supported, else the PyTorch "
+                            "reference), reference, or triton (on CPU only under TRITON_INTERPRET=1)")
 
 
 class OVQAttention(SequenceLayer):
@@ -89,6 +94,10 @@ class OVQAttention(SequenceLayer):
                 grad_through_state=o.grad_through_state)
         except ValueError as exc:  # options validate their own ranges; this is a safety net
             raise LayerConfigError("options", str(exc), o.model_dump(), "see `ovqprof layers`") from exc
+        self._triton_problem = triton_unsupported(self.config, head_dim, head_dim)
+        if o.impl == "triton" and self._triton_problem:
+            raise LayerConfigError("impl", f"the Triton kernels do not support this layer: {self._triton_problem}",
+                                   o.impl, "auto or reference")
 
     # --- helpers -------------------------------------------------------------------------------------
     @property
@@ -118,25 +127,74 @@ class OVQAttention(SequenceLayer):
     def _beta(self) -> torch.Tensor:
         return self.beta.to(self.accum_dtype)
 
+    @property
+    def uses_triton(self) -> bool:
+        """Whether the core runs the Triton kernels on the layer's current device."""
+        if self.options.impl == "reference" or self._triton_problem:
+            return False
+        return self.options.impl == "triton" or self.device.type == "cuda"
+
+    def _kernel_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v for the kernels: normalised in float32, then in the layer dtype (bf16 operands, float32
+        accumulation and dictionary inside the kernels)."""
+        return tuple(t.to(self.dtype).contiguous() for t in self.project(x))
+
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[B, T, D] -> y[B, T, D]."""
-        o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
+        if self.uses_triton:
+            from ovqprof.kernels.ovq.backward import ovq_core_triton
+
+            o = ovq_core_triton(*self._kernel_inputs(x), self.beta.float(), self.config)
+        else:
+            o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
         return self._output(o, x.dtype)
 
     def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, OVQState]:
         """Run the prompt x[B, T, D]; return y[B, T, D] and the detached state (floor(T/L) chunks written,
         T mod L tokens buffered). `capacity` is irrelevant: the state has a fixed size."""
+        if self.uses_triton:
+            return self._prefill_triton(x)
         o, state = ovq_chunked(*self.project(x), self._beta(), self.config)
         state = OVQState(state.keys.detach().clone(), state.values.detach().clone(), state.counts.detach().clone(),
                          state.active, state.written, state.buf_k, state.buf_v, state.buf_len)
         return self._output(o, x.dtype), state
 
     @torch.no_grad()
+    def _prefill_triton(self, x: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
+        from ovqprof.kernels.ovq.forward import ovq_forward_triton
+
+        q, k, v = self._kernel_inputs(x)
+        o, _, _, sk, sv, cnt = ovq_forward_triton(q, k, v, self.beta.float(), self.config)
+        B, H, T, dh = q.shape
+        L = self.config.chunk_size
+        written = (T // L) * L
+        mean = cnt.clamp_min(1.0).unsqueeze(-1)  # the kernel keeps sums; the state holds running means
+        ad = self.accum_dtype
+        buf_k = torch.zeros(B, H, L - 1, dh, dtype=ad, device=x.device)
+        buf_v = torch.zeros_like(buf_k)
+        tail = T - written
+        if tail:
+            buf_k[:, :, :tail] = k[:, :, written:].to(ad)
+            buf_v[:, :, :tail] = v[:, :, written:].to(ad)
+        state = OVQState((sk / mean).to(ad), (sv / mean).to(ad), cnt.to(ad), self.active_slots(T), written,
+                         buf_k, buf_v, tail)
+        return self._output(o, x.dtype), state
+
+    @torch.no_grad()
     def step(self, x_t: torch.Tensor, state: OVQState) -> tuple[torch.Tensor, OVQState]:
         """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and the next state (the input is not changed)."""
-        o, state = ovq_step(*self.project(x_t), self._beta(), self.config, state)
-        return self._output(o, x_t.dtype), state
+        if not self.uses_triton:
+            o, state = ovq_step(*self.project(x_t), self._beta(), self.config, state)
+            return self._output(o, x_t.dtype), state
+        from ovqprof.kernels.ovq.decode import ovq_decode_triton
+
+        # Rounded through the layer dtype like the forward kernel's inputs, so decode sees the same keys.
+        q, k, v = (t.to(self.dtype).to(self.accum_dtype) for t in self.project(x_t))  # [B, H, 1, dh]
+        o = ovq_decode_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.beta.float(), state.keys, state.values,
+                              state.counts, state.active, state.buf_k, state.buf_v, state.buf_len,
+                              self.config.normalize_centroids)
+        return self._output(o.unsqueeze(2), x_t.dtype), advance(k, v, self.config, state)
 
     def state_bytes(self, batch: int, seq: int) -> int:
         """B * H * (N * (dk + dv + 1) + (L - 1) * (dk + dv)) * math bytes: dictionary, counts and buffer,
@@ -183,4 +241,4 @@ class OVQAttention(SequenceLayer):
         raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
 
     def implementation(self) -> str:
-        return "torch-chunked"
+        return "triton" if self.uses_triton else "torch-chunked"

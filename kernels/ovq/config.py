@@ -85,3 +85,17 @@ def spawn_count(cfg: OVQConfig, chunk_index: int) -> tuple[int, int]:
     n = active_after(cfg, chunk_index * cfg.chunk_size)
     n_next = active_after(cfg, (chunk_index + 1) * cfg.chunk_size)
     return n, min(n_next - n, cfg.chunk_size)
+
+
+def triton_unsupported(cfg: OVQConfig, dk: int, dv: int) -> str | None:
+    """None if the Triton kernels handle this configuration, else why not (the layer then runs the reference)."""
+    def pow2(x: int) -> bool:
+        return x >= 16 and (x & (x - 1)) == 0
+
+    if cfg.lr != "adaptive":
+        return "lr: constant runs on the PyTorch reference"
+    if not (pow2(cfg.chunk_size) and pow2(dk) and pow2(dv)):
+        return "chunk_size and head_dim must be powers of two >= 16"
+    if cfg.chunk_size > 128 or max(dk, dv) > 256:
+        return "chunk_size <= 128 and head_dim <= 256"
+    return None

@@ -228,16 +228,27 @@ def ovq_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     state is never changed: the token goes to buffer row `buf_len`, beyond what the state holds, and a flush
     builds new dictionary tensors.
     """
-    L, N = cfg.chunk_size, cfg.dict_size
     n, j = state.active, state.buf_len
     local_k = torch.cat([state.buf_k[:, :, :j], k], dim=2)
     local_v = torch.cat([state.buf_v[:, :, :j], v], dim=2)
     keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
     o = read(q, local_k, local_v, beta, centroid_keys(keys, cfg), values, counts)
+    return o, advance(k, v, cfg, state)
+
+
+def advance(k: torch.Tensor, v: torch.Tensor, cfg: OVQConfig, state: OVQState) -> OVQState:
+    """The state after one more token k [B, H, 1, dk], v [B, H, 1, dv]: appended to the buffer (row
+    `buf_len`, beyond what `state` holds, so `state` itself is unchanged), or, when that makes L tokens,
+    written into the dictionary as one chunk (new tensors) with the buffer emptied."""
+    L, N = cfg.chunk_size, cfg.dict_size
+    n, j = state.active, state.buf_len
     if j + 1 < L:
         state.buf_k[:, :, j : j + 1] = k
         state.buf_v[:, :, j : j + 1] = v
-        return o, replace(state, buf_len=j + 1)
+        return replace(state, buf_len=j + 1)
+    local_k = torch.cat([state.buf_k[:, :, :j], k], dim=2)
+    local_v = torch.cat([state.buf_v[:, :, :j], v], dim=2)
+    keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
     keys, values, counts, _ = write(local_k, local_v, keys, values, counts, cfg, state.written // L)
-    return o, replace(state, keys=_pad_slots(keys, N), values=_pad_slots(values, N), counts=_pad_slots(counts, N),
-                      active=keys.shape[2], written=state.written + L, buf_len=0)
+    return replace(state, keys=_pad_slots(keys, N), values=_pad_slots(values, N), counts=_pad_slots(counts, N),
+                   active=keys.shape[2], written=state.written + L, buf_len=0)

@@ -1,0 +1,172 @@
+"""Triton backward of the OVQ-attention core, and the autograd Function that pairs it with the forward kernel.
+
+The dictionary sums are linear in the keys and values written into them, S_{c+1} = S_c + sum over the
+chunk's tokens of onehot(z_t) (k_t, v_t), with the assignments z fixed by the forward. So with
+G_c = dL/dS_c, a token t written in chunk c gets dk_t += G_{c+1}[z_t] (and dv_t likewise), and
+G_c = G_{c+1} + (gradient of chunk c's read with respect to S_c). One program per (batch, head) walks the
+chunks backwards: gather G for the chunk's tokens, un-write the chunk (S_c = S_{c+1} minus its tokens, exact
+for the counts, float32 rounding for the sums), then the read's backward over the active slots (flash-style,
+probabilities recomputed from the forward's log-sum-exp) and the causal local block, adding the slot
+gradients into G. `grad_through_state: false` drops G (the reference detaches the state per chunk).
+
+Read gradient with respect to the sums: D_k = S_k / |S_k| gives dS_k = (dD - D (D . dD)) / |S_k|
+(or dD / c without normalisation); D_v = S_v / c gives dS_v = dD_v / c. Counts carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import OVQConfig
+from .forward import _dot, exact_dots, ovq_forward_triton, schedule_tensors
+
+
+@triton.jit
+def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DKO, DVO, DBETA, NACT,
+                   T, H, N, n_write, n_chunks,
+                   L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+                   NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(0)
+    h = bh % H
+    beta = tl.load(BETA + h).to(tl.float32)
+    rows = tl.arange(0, L)
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    slot_ids = tl.arange(0, BN)
+    sk_base = SK + bh * N * DK
+    sv_base = SV + bh * N * DV
+    c_base = CNT + bh * N
+    gk_base = GK + bh * N * DK
+    gv_base = GV + bh * N * DV
+    dbeta = tl.sum(tl.zeros([L], tl.float32), axis=0)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        pos = c * L + rows
+        valid = pos < T
+        q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(K + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + bh * T * DV + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DO + bh * T * DV + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
+        lse = tl.load(LSE + bh * T + pos, mask=valid, other=float("inf"))
+        delta = tl.load(DELTA + bh * T + pos, mask=valid, other=0.0)
+        dk_acc = tl.zeros([L, DK], tl.float32)
+        dv_acc = tl.zeros([L, DV], tl.float32)
+        if c < n_write:
+            z = tl.load(Z + bh * (n_write * L) + pos)
+            if THROUGH_STATE:
+                dk_acc += tl.load(gk_base + z[:, None] * DK + dk[None, :], cache_modifier=".cg")
+                dv_acc += tl.load(gv_base + z[:, None] * DV + dv[None, :], cache_modifier=".cg")
+            tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], -k.to(tl.float32))
+            tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], -v.to(tl.float32))
+            tl.atomic_add(c_base + z, tl.full([L], -1.0, tl.float32))
+        tl.debug_barrier()
+        n = tl.load(NACT + c)
+        dq = tl.zeros([L, DK], tl.float32)
+        for s0 in range(0, n, BN):
+            slots = s0 + slot_ids
+            smask = slots < n
+            sk = tl.load(sk_base + slots[:, None] * DK + dk[None, :], mask=smask[:, None], other=0.0,
+                         cache_modifier=".cg")
+            cnt = tl.load(c_base + slots, mask=smask, other=1.0, cache_modifier=".cg")
+            sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
+                         cache_modifier=".cg")
+            if NORMALIZE:
+                norm = tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
+            else:
+                norm = cnt
+            d_k = sk / norm[:, None]  # D_k [BN, DK] float32
+            d_v = sv / cnt[:, None]   # D_v [BN, DV]
+            dots = _dot(q, tl.trans(d_k.to(q.dtype)), IEEE)
+            s = beta * dots + tl.log(cnt)[None, :]
+            p = tl.where(smask[None, :] & valid[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(d_v.to(do.dtype)), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += beta * _dot(ds.to(q.dtype), d_k.to(q.dtype), IEEE)
+            dbeta += tl.sum(tl.sum(ds * dots, axis=1), axis=0)
+            if THROUGH_STATE:
+                d_dk = beta * _dot(tl.trans(ds).to(q.dtype), q, IEEE)  # dL/dD_k [BN, DK]
+                d_dv = _dot(tl.trans(p).to(do.dtype), do, IEEE)         # dL/dD_v [BN, DV]
+                if NORMALIZE:
+                    d_sk = (d_dk - d_k * tl.sum(d_k * d_dk, axis=1)[:, None]) / norm[:, None]
+                else:
+                    d_sk = d_dk / cnt[:, None]
+                d_sv = d_dv / cnt[:, None]
+                gk_ptr = gk_base + slots[:, None] * DK + dk[None, :]
+                gv_ptr = gv_base + slots[:, None] * DV + dv[None, :]
+                gk = tl.load(gk_ptr, mask=smask[:, None], other=0.0, cache_modifier=".cg")
+                gv = tl.load(gv_ptr, mask=smask[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(gk_ptr, gk + d_sk, mask=smask[:, None])
+                tl.store(gv_ptr, gv + d_sv, mask=smask[:, None])
+        # The causal local block.
+        qk = _dot(q, tl.trans(k), IEEE)
+        visible = (rows[None, :] <= rows[:, None]) & valid[None, :] & valid[:, None]
+        p = tl.where(visible, tl.exp(beta * qk - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += beta * _dot(ds.to(k.dtype), k, IEEE)
+        dbeta += tl.sum(tl.sum(ds * qk, axis=1), axis=0)
+        dk_acc += beta * _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+        dv_acc += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+        tl.store(DQ + bh * T * DK + pos[:, None] * DK + dk[None, :], dq, mask=valid[:, None])
+        tl.store(DKO + bh * T * DK + pos[:, None] * DK + dk[None, :], dk_acc, mask=valid[:, None])
+        tl.store(DVO + bh * T * DV + pos[:, None] * DV + dv[None, :], dv_acc, mask=valid[:, None])
+        tl.debug_barrier()
+    tl.store(DBETA + bh, dbeta)
+
+
+def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int = 64,
+                        num_warps: int = 4):
+    """Gradients (dq, dk, dv [B, H, T, d] float32, dbeta [H] float32) of the core's output o given do.
+    sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    L, N = cfg.chunk_size, cfg.dict_size
+    n_chunks, n_write = -(-T // L), T // L
+    dev = q.device
+    nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
+    delta = (do.float() * o.float()).sum(-1).contiguous()
+    dq = torch.empty(B, H, T, DK, dtype=torch.float32, device=dev)
+    dk_ = torch.empty_like(dq)
+    dv_ = torch.empty(B, H, T, DV, dtype=torch.float32, device=dev)
+    dbeta = torch.empty(B * H, dtype=torch.float32, device=dev)
+    through = cfg.grad_through_state
+    gk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
+    gv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
+    z = z if z.numel() else torch.zeros(1, dtype=torch.int32, device=dev)
+    bn = max(16, min(block_slots, triton.next_power_of_2(N)))
+    ovq_bwd_kernel[(B * H,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(), lse, delta, z,
+        beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, dq, dk_, dv_, dbeta,
+        nact, T, H, N, n_write, n_chunks,
+        L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, THROUGH_STATE=through,
+        IEEE=exact_dots(q.dtype), num_warps=num_warps)
+    return dq, dk_, dv_, dbeta.view(B, H).sum(0)
+
+
+class OVQCoreFunction(torch.autograd.Function):
+    """o = OVQ core(q, k, v, beta) with the Triton forward and backward kernels (q, k unit-norm [B, H, T, dk],
+    v [B, H, T, dv], beta [H]). The final dictionary is available as `ctx`-free extra outputs: use
+    `ovq_forward_triton` directly when the state is needed (prefill)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, cfg: OVQConfig):
+        o, lse, z, sk, sv, cnt = ovq_forward_triton(q, k, v, beta, cfg)
+        ctx.save_for_backward(q, k, v, o, lse, z, beta, sk, sv, cnt)
+        ctx.cfg = cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, z, beta, sk, sv, cnt = ctx.saved_tensors
+        dq, dk, dv, dbeta = ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg)
+        need = ctx.needs_input_grad
+        return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
+                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None)
+
+
+def ovq_core_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                    cfg: OVQConfig) -> torch.Tensor:
+    """Differentiable core output o [B, H, T, dv] through the Triton kernels."""
+    return OVQCoreFunction.apply(q, k, v, beta, cfg)

@@ -1,0 +1,205 @@
+"""Triton chunked forward of the OVQ-attention core: reads, spawning and running-mean merges for a sequence.
+
+One program per (batch, head) walks the chunks in order (the dictionary is a recurrence over chunks). Per
+chunk it makes one pass over the active slots in tiles of BN, which serves both the read (flash-style online
+softmax over beta q.D_k + log c, then the causal L x L local block) and the assignment (running max and
+argmax of k.D_k over the old slots, which is also the `spread` init's distance to the dictionary). Then it
+picks the spawned tokens (farthest-first in registers, or the host's seeded random ranks), and adds every
+token's key and value into its slot with atomics.
+
+Inside the kernel the dictionary is kept as sums S_k, S_v and counts c (a running mean is S / c; for
+`lr: adaptive` a merge is then a plain add, order-free). D_k = S_k / |S_k| (normalize_centroids) or S_k / c,
+D_v = S_v / c. The host converts to the reference's means afterwards. Only `lr: adaptive` runs here; the layer
+uses the PyTorch reference for `lr: constant`.
+
+Outputs: o [B, H, T, dv], lse [B, H, T] (log-sum-exp of the read, for a backward), z [B, H, Tw] (slot of each
+written token), and the final sums. Requirements: L, dk, dv powers of two >= 16; q, k, v contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import OVQConfig, spawn_count
+
+
+def exact_dots(dtype: torch.dtype) -> bool:
+    """IEEE float32 products for float32 inputs (tf32 would miss float32 tolerances), and always under
+    TRITON_INTERPRET=1, whose dot mishandles bf16 operands (checked with triton 3.9)."""
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, O, LSE, Z,
+                   T, H, N, n_write, n_chunks,
+                   L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+                   SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr):
+    bh = tl.program_id(0)
+    h = bh % H
+    beta = tl.load(BETA + h).to(tl.float32)
+    rows = tl.arange(0, L)
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+    slot_ids = tl.arange(0, BN)
+    q_base = Q + bh * T * DK
+    k_base = K + bh * T * DK
+    v_base = V + bh * T * DV
+    sk_base = SK + bh * N * DK
+    sv_base = SV + bh * N * DV
+    c_base = CNT + bh * N
+    for c in range(0, n_chunks):
+        pos = c * L + rows
+        valid = pos < T
+        q = tl.load(q_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
+        n = tl.load(NACT + c)
+        m_i = tl.full([L], float("-inf"), tl.float32)
+        l_i = tl.zeros([L], tl.float32)
+        acc = tl.zeros([L, DV], tl.float32)
+        best = tl.full([L], float("-inf"), tl.float32)
+        best_idx = tl.zeros([L], tl.int32)
+        # One pass over the active slots: read (online softmax) and nearest old slot for every key.
+        for s0 in range(0, n, BN):
+            slots = s0 + slot_ids
+            smask = slots < n
+            sk = tl.load(sk_base + slots[:, None] * DK + dk[None, :], mask=smask[:, None], other=0.0,
+                         cache_modifier=".cg")
+            cnt = tl.load(c_base + slots, mask=smask, other=1.0, cache_modifier=".cg")
+            if NORMALIZE:
+                inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
+            else:
+                inv = 1.0 / cnt
+            skt = tl.trans(sk.to(q.dtype))
+            s = _dot(q, skt, IEEE) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
+            s = tl.where(smask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            scale = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * scale + tl.sum(p, axis=1)
+            sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
+                         cache_modifier=".cg")
+            pv = (p / cnt[None, :]).to(v.dtype)  # D_v = S_v / c
+            acc = acc * scale[:, None] + _dot(pv, sv.to(v.dtype), IEEE)
+            m_i = m_new
+            sim = _dot(k, skt, IEEE) * inv[None, :]
+            sim = tl.where(smask[None, :], sim, float("-inf"))
+            tile_best = tl.max(sim, axis=1)
+            tile_idx = tl.argmax(sim, axis=1).to(tl.int32) + s0
+            better = tile_best > best  # strict: the lowest slot wins ties, like torch.argmax
+            best_idx = tl.where(better, tile_idx, best_idx)
+            best = tl.where(better, tile_best, best)
+        # The causal local block.
+        kk = _dot(k, tl.trans(k), IEEE)  # [L, L] key-key similarities (also used to spawn)
+        s = _dot(q, tl.trans(k), IEEE) * beta
+        visible = (rows[None, :] <= rows[:, None]) & valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        scale = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * scale + tl.sum(p, axis=1)
+        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(O + bh * T * DV + pos[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        tl.store(LSE + bh * T + pos, m_i + tl.log(l_i), mask=valid)
+        if c < n_write:
+            m_sp = tl.load(MSPAWN + c)
+            if SPREAD:
+                # Farthest-first: pick the key least similar to the dictionary and to earlier picks.
+                rank = tl.full([L], L, tl.int32)
+                far = best
+                steps = tl.where(m_sp == L, 0, m_sp)
+                for j in range(0, steps):
+                    score = tl.where(rank < L, float("inf"), far)
+                    pick = tl.argmin(score, axis=0)
+                    rank = tl.where(rows == pick, j, rank)
+                    col = tl.max(tl.where(rows[None, :] == pick, kk, float("-inf")), axis=1)
+                    far = tl.maximum(far, col)
+                rank = tl.where(m_sp == L, rows, rank)
+            else:
+                rank = tl.load(RANK + c * (tl.num_programs(0) * L) + bh * L + rows)
+            spawned = rank < m_sp
+            # Nearest spawned slot for the other tokens (slot n + rank; ties go to the lowest slot).
+            sims_new = tl.where(spawned[None, :], kk, float("-inf"))
+            new_best = tl.max(sims_new, axis=1)
+            tie_rank = tl.where(spawned[None, :] & (sims_new == new_best[:, None]), rank[None, :], L)
+            new_rank = tl.min(tie_rank, axis=1)
+            z = tl.where(spawned, n + rank, tl.where(new_best > best, n + new_rank, best_idx))
+            tl.store(Z + bh * (n_write * L) + pos, z)
+            tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], k.to(tl.float32))
+            tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], v.to(tl.float32))
+            tl.atomic_add(c_base + z, tl.full([L], 1.0, tl.float32))
+        tl.debug_barrier()
+
+
+def schedule_tensors(cfg: OVQConfig, n_chunks: int, n_write: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Active slots at each chunk start [n_chunks] and slots each written chunk spawns [max(n_write, 1)]."""
+    starts, spawns = [], []
+    for c in range(n_chunks):
+        n, m = spawn_count(cfg, c)
+        starts.append(n)
+        spawns.append(m)
+    nact = torch.tensor(starts or [0], dtype=torch.int32, device=device)
+    msp = torch.tensor(spawns[:n_write] or [0], dtype=torch.int32, device=device)
+    return nact, msp
+
+
+def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.device) -> torch.Tensor:
+    """For `init: random`: rank [n_write, B, H, L] of each token in its chunk's spawn order (the j-th pick has
+    rank j, tokens not picked rank L), drawn exactly as the reference draws them."""
+    L = cfg.chunk_size
+    ranks = torch.full((max(n_write, 1), B, H, L), L, dtype=torch.int32)
+    for c in range(n_write):
+        m = spawn_count(cfg, c)[1]
+        if m == L:
+            ranks[c] = torch.arange(L, dtype=torch.int32)
+        elif m > 0:
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + c)
+            picks = torch.rand(B, H, L, generator=gen).topk(m, dim=-1, largest=False).indices
+            ranks[c].scatter_(-1, picks, torch.arange(m, dtype=torch.int32).expand(B, H, m).contiguous())
+    return ranks.to(device)
+
+
+def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
+                       block_slots: int = 64, num_warps: int = 4):
+    """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
+
+    Returns o [B, H, T, dv] (input dtype), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
+    and the dictionary sums S_k [B, H, N, dk], S_v [B, H, N, dv], counts [B, H, N] (float32).
+    """
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    L, N = cfg.chunk_size, cfg.dict_size
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    n_chunks = -(-T // L)
+    n_write = T // L
+    dev = q.device
+    nact, msp = schedule_tensors(cfg, n_chunks, n_write, dev)
+    spread = cfg.init == "spread"
+    ranks = random_ranks(cfg, B, H, n_write, dev) if not spread else torch.empty(1, dtype=torch.int32, device=dev)
+    sk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev)
+    sv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev)
+    cnt = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
+    o = torch.empty(B, H, T, DV, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    z = torch.empty(B, H, max(n_write * L, 1), dtype=torch.int32, device=dev)
+    bn = max(16, min(block_slots, triton.next_power_of_2(N)))
+    ovq_fwd_kernel[(B * H,)](
+        q, k, v, beta.to(torch.float32).contiguous(), sk, sv, cnt, nact, msp, ranks, o, lse, z,
+        T, H, N, n_write, n_chunks,
+        L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread, NORMALIZE=cfg.normalize_centroids,
+        IEEE=exact_dots(q.dtype), num_warps=num_warps)
+    return o, lse, z[:, :, : n_write * L], sk, sv, cnt
