@@ -20,14 +20,15 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import _dot, exact_dots, ovq_forward_triton, schedule_tensors
+from .forward import _dict_dot, _dot, exact_dots, ovq_forward_triton, schedule_tensors
 
 
 @triton.jit
 def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DKO, DVO, DBETA, NACT,
                    T, H, N, n_write, n_chunks,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-                   NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr, IEEE: tl.constexpr):
+                   NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr, IEEE: tl.constexpr,
+                   DICT_TF32: tl.constexpr):
     bh = tl.program_id(0)
     h = bh % H
     beta = tl.load(BETA + h).to(tl.float32)
@@ -78,16 +79,16 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
                 norm = cnt
             d_k = sk / norm[:, None]  # D_k [BN, DK] float32
             d_v = sv / cnt[:, None]   # D_v [BN, DV]
-            dots = _dot(q, tl.trans(d_k.to(q.dtype)), IEEE)
+            dots = _dict_dot(q, tl.trans(d_k), IEEE, DICT_TF32)
             s = beta * dots + tl.log(cnt)[None, :]
             p = tl.where(smask[None, :] & valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(d_v.to(do.dtype)), IEEE)
+            dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT_TF32)
             ds = p * (dp - delta[:, None])
-            dq += beta * _dot(ds.to(q.dtype), d_k.to(q.dtype), IEEE)
+            dq += beta * _dict_dot(ds, d_k, IEEE, DICT_TF32)
             dbeta += tl.sum(tl.sum(ds * dots, axis=1), axis=0)
             if THROUGH_STATE:
-                d_dk = beta * _dot(tl.trans(ds).to(q.dtype), q, IEEE)  # dL/dD_k [BN, DK]
-                d_dv = _dot(tl.trans(p).to(do.dtype), do, IEEE)         # dL/dD_v [BN, DV]
+                d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT_TF32)  # dL/dD_k [BN, DK]
+                d_dv = _dict_dot(tl.trans(p), do, IEEE, DICT_TF32)         # dL/dD_v [BN, DV]
                 if NORMALIZE:
                     d_sk = (d_dk - d_k * tl.sum(d_k * d_dk, axis=1)[:, None]) / norm[:, None]
                 else:
@@ -117,7 +118,7 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
 
 
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int = 64,
-                        num_warps: int = 4):
+                        num_warps: int = 4, dict_tf32: bool = True):
     """Gradients (dq, dk, dv [B, H, T, d] float32, dbeta [H] float32) of the core's output o given do.
     sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
     B, H, T, DK = q.shape
@@ -141,7 +142,7 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
         beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, dq, dk_, dv_, dbeta,
         nact, T, H, N, n_write, n_chunks,
         L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, THROUGH_STATE=through,
-        IEEE=exact_dots(q.dtype), num_warps=num_warps)
+        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps)
     return dq, dk_, dv_, dbeta.view(B, H).sum(0)
 
 

@@ -41,10 +41,22 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, O, LSE, Z,
+def _dict_dot(a, b, IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
+    """A product with a dictionary operand: tf32 keeps the float32 dictionary to ~5e-4 (bf16 would round it
+    to ~4e-3, which is what decode vs forward then disagrees by)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if DICT_TF32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+@triton.jit
+def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
                    T, H, N, n_write, n_chunks,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-                   SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr):
+                   SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
+                   DICT_TF32: tl.constexpr):
     bh = tl.program_id(0)
     h = bh % H
     beta = tl.load(BETA + h).to(tl.float32)
@@ -81,8 +93,8 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, O, LSE, Z,
                 inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
             else:
                 inv = 1.0 / cnt
-            skt = tl.trans(sk.to(q.dtype))
-            s = _dot(q, skt, IEEE) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
+            skt = tl.trans(sk)
+            s = _dict_dot(q, skt, IEEE, DICT_TF32) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
             s = tl.where(smask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             scale = tl.exp(m_i - m_new)
@@ -90,10 +102,10 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, O, LSE, Z,
             l_i = l_i * scale + tl.sum(p, axis=1)
             sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                          cache_modifier=".cg")
-            pv = (p / cnt[None, :]).to(v.dtype)  # D_v = S_v / c
-            acc = acc * scale[:, None] + _dot(pv, sv.to(v.dtype), IEEE)
+            pv = p / cnt[None, :]  # D_v = S_v / c
+            acc = acc * scale[:, None] + _dict_dot(pv, sv, IEEE, DICT_TF32)
             m_i = m_new
-            sim = _dot(k, skt, IEEE) * inv[None, :]
+            sim = _dict_dot(k, skt, IEEE, DICT_TF32) * inv[None, :]
             sim = tl.where(smask[None, :], sim, float("-inf"))
             tile_best = tl.max(sim, axis=1)
             tile_idx = tl.argmax(sim, axis=1).to(tl.int32) + s0
@@ -112,7 +124,7 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, O, LSE, Z,
         acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
         o = acc / l_i[:, None]
-        tl.store(O + bh * T * DV + pos[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        tl.store(OUT + bh * T * DV + pos[:, None] * DV + dv[None, :], o.to(OUT.dtype.element_ty), mask=valid[:, None])
         tl.store(LSE + bh * T + pos, m_i + tl.log(l_i), mask=valid)
         if c < n_write:
             m_sp = tl.load(MSPAWN + c)
@@ -174,7 +186,7 @@ def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.dev
 
 
 def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
-                       block_slots: int = 64, num_warps: int = 4):
+                       block_slots: int = 64, num_warps: int = 4, dict_tf32: bool = True):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
     Returns o [B, H, T, dv] (input dtype), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
@@ -201,5 +213,5 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
         q, k, v, beta.to(torch.float32).contiguous(), sk, sv, cnt, nact, msp, ranks, o, lse, z,
         T, H, N, n_write, n_chunks,
         L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread, NORMALIZE=cfg.normalize_centroids,
-        IEEE=exact_dots(q.dtype), num_warps=num_warps)
+        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps)
     return o, lse, z[:, :, : n_write * L], sk, sv, cnt
