@@ -55,8 +55,10 @@ _GATE_CACHE: dict[tuple, GateResult] = {}
 
 
 def classify_failure(exc: BaseException) -> str:
-    """`oom` for every flavour of out-of-memory (torch CUDA, CPU allocator, Triton resources), else `error`."""
-    if isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "OutOfResources":
+    """`oom` for every flavour of out-of-memory (torch CUDA, CPU allocator), else `error`. A Triton
+    OutOfResources (a kernel's tiles exceed shared memory or registers) is a kernel configuration fault that
+    no smaller workload avoids, so it is an `error`, not an `oom`."""
+    if isinstance(exc, torch.OutOfMemoryError):
         return "oom"
     text = str(exc).lower()
     if isinstance(exc, (RuntimeError, MemoryError)) and (

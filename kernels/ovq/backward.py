@@ -117,8 +117,8 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
     tl.store(DBETA + bh, dbeta)
 
 
-def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int = 64,
-                        num_warps: int = 4, dict_tf32: bool = True):
+def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,
+                        num_warps: int = 8, dict_tf32: bool = True):
     """Gradients (dq, dk, dv [B, H, T, d] float32, dbeta [H] float32) of the core's output o given do.
     sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
     B, H, T, DK = q.shape
@@ -136,13 +136,15 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     gk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
     gv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
     z = z if z.numel() else torch.zeros(1, dtype=torch.int32, device=dev)
+    if block_slots is None:  # five float32 [BN, d] tiles per slot block: keep them inside shared memory
+        block_slots = 32 if max(DK, DV) > 64 else 64
     bn = max(16, min(block_slots, triton.next_power_of_2(N)))
     ovq_bwd_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(), lse, delta, z,
         beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, dq, dk_, dv_, dbeta,
         nact, T, H, N, n_write, n_chunks,
         L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, THROUGH_STATE=through,
-        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps)
+        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps, num_stages=1)
     return dq, dk_, dv_, dbeta.view(B, H).sum(0)
 
 

@@ -186,7 +186,7 @@ def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.dev
 
 
 def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
-                       block_slots: int = 64, num_warps: int = 4, dict_tf32: bool = True):
+                       block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 2):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
     Returns o [B, H, T, dv] (input dtype), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
@@ -213,5 +213,6 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
         q, k, v, beta.to(torch.float32).contiguous(), sk, sv, cnt, nact, msp, ranks, o, lse, z,
         T, H, N, n_write, n_chunks,
         L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread, NORMALIZE=cfg.normalize_centroids,
-        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps)
+        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps,
+        num_stages=num_stages)
     return o, lse, z[:, :, : n_write * L], sk, sv, cnt
