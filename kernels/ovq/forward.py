@@ -186,7 +186,7 @@ def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.dev
 
 
 def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
-                       block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 2):
+                       block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 1):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
     Returns o [B, H, T, dv] (input dtype), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
