@@ -24,6 +24,18 @@ from ovqprof.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+def _quick_cells() -> int:
+    """Cells of the quick profile (layers x modes x seq lengths x batches), as the sweep plans them."""
+    from ovqprof.spec import load_spec, resolve_profile
+
+    sweep = load_spec(resolve_profile("quick")).sweep
+    batches = sweep.batch if isinstance(sweep.batch, (list, tuple)) else [sweep.batch]
+    return len(load_spec(resolve_profile("quick")).layers) * len(sweep.modes) * len(sweep.seq) * len(batches)
+
+
+QUICK_CELLS = _quick_cells()
+
 runner = CliRunner()
 
 
@@ -179,16 +191,16 @@ def test_resume_completes_exactly_the_missing_cells(tmp_path, sig, suffix):
         assert f"Resume with: ovqprof sweep --profile quick --no-roofline --format {suffix} --resume {out}" \
             in " ".join(stderr.split())
     kept = _count_rows(out)
-    assert 5 <= kept < 72
+    assert 5 <= kept < QUICK_CELLS
     proc = _resume(out)
     assert proc.returncode == 0, proc.stderr
-    assert f"{kept} rows already there, {72 - kept} cells to run" in proc.stderr
+    assert f"{kept} rows already there, {QUICK_CELLS - kept} cells to run" in proc.stderr
     if suffix == "csv":
         rows = _csv_rows(out.read_text())
     else:
         rows = json.loads(out.read_text())["rows"]
     keys = [(r["layer"], r["mode"], int(r["seq"]), int(r["batch"])) for r in rows]
-    assert len(keys) == len(set(keys)) == 72
+    assert len(keys) == len(set(keys)) == QUICK_CELLS
     assert set(keys) == _quick_cells()
 
 
@@ -211,10 +223,10 @@ def test_interrupted_sweep_leaves_a_valid_csv_of_finished_rows(tmp_path, sig):
     assert code == 130, stderr
     assert "interrupted:" in stderr and "Traceback" not in stderr
     rows = _csv_rows(out.read_text())
-    assert 3 <= len(rows) < 72
+    assert 3 <= len(rows) < QUICK_CELLS
     for row in rows:  # every kept row is complete
         assert row["status"] == "ok" and float(row["ms_median"]) > 0 and row["note"] is not None
-    assert f"{len(rows)} of 72 rows finished and kept" in stderr
+    assert f"{len(rows)} of {QUICK_CELLS} rows finished and kept" in stderr
 
 
 @pytest.mark.slow

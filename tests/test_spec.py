@@ -44,7 +44,7 @@ MALFORMED = [
      ["unknown key 'batch_size'", "batch, d_model, heads, head_dim, dtype, device"]),
     ("missing_defaults_key.yaml", 1, "defaults.head_dim", ["required key is missing"]),
     ("unknown_layer_type.yaml", 9, "layers[1].type",
-     ["unknown layer type 'flash_attention'", "linear_attention, softmax_attention", "package.module:Class"]),
+     ["unknown layer type 'flash_attention'", "linear_attention, ovq, softmax_attention", "package.module:Class"]),
     ("unknown_option.yaml", 8, "layers[0].kv_head", ["unknown option 'kv_head'", "options of softmax_attention: kv_heads, window"]),
     ("wrong_option_type.yaml", 9, "layers[0].chunk_size", ["valid integer", "'big'", "Allowed: int"]),
     ("bad_option_value.yaml", 8, "layers[0].eps", ["greater than 0", "> 0"]),
