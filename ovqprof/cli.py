@@ -6,7 +6,6 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import json
 import shlex
@@ -20,7 +19,7 @@ from rich.console import Console
 from ovqprof.errors import OvqprofError, SpecError, UsageError
 from ovqprof.layers.base import MODES
 from ovqprof.output import FORMATS, RowWriter, check_output_writable
-from ovqprof.rows import FAILED_STATUSES, NOTE_CPU_MEMORY, NOTE_NO_PEAKS, STATUSES
+from ovqprof.rows import FAILED_STATUSES, STATUSES
 
 app = typer.Typer(
     help="Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity.",
@@ -170,6 +169,12 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _warn_shared_gpu(header: dict) -> None:
+    if header.get("gpu_other_processes"):
+        err_console.print(f"[yellow]warning:[/] other processes hold memory on this GPU "
+                          f"({header['gpu_other_processes']}); device-wide NVML figures include their changes")
+
+
 @app.command()
 @user_errors
 def sweep(
@@ -195,21 +200,13 @@ def sweep(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
-    from ovqprof.cell import CellSettings
     from ovqprof.machine import machine_info
-    from ovqprof.measure.peaks import measure_peaks
     from ovqprof.resume import done_cells, read_rows
-    from ovqprof.spec import load_spec, resolve_profile, torch_dtype
-    from ovqprof.sweep import plan_cells, run_sweep
+    from ovqprof.sweep import plan_cells, run_sweep, start_run
 
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
-    if profile is None:
-        profile, why = _default_profile()
-        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
-    spec = load_spec(resolve_profile(profile))
-    spec = _apply_overrides(spec, seq, modes, batch, layers, device)
-    run_device = _resolve_run_device(spec, device)
+    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
     header = machine_info(run_device)
     existing: list[dict] = []
     if resume is not None:
@@ -229,20 +226,8 @@ def sweep(
     if cell_timeout is not None and not isolate:
         raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
 
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
-                  isolate=isolate)
-    peaks = {}
-    if roofline:
-        for dtype_name in sorted({layer.dtype for layer in spec.layers}):
-            peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
-    if header.get("gpu_other_processes"):
-        err_console.print(f"[yellow]warning:[/] other processes hold memory on this GPU "
-                          f"({header['gpu_other_processes']}); device-wide NVML figures include their changes")
-    header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
-    header["notes"] = [note for note, applies in ((NOTE_CPU_MEMORY, run_device.type != "cuda"),
-                                                  (NOTE_NO_PEAKS, not roofline)) if applies]
-    settings = CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
-                            check_seq=spec.sweep.check_seq, peaks=peaks)
+    settings = start_run(spec, run_device, header, roofline=roofline, isolate=isolate)
+    _warn_shared_gpu(header)
     cells = plan_cells(spec)
     if resume is not None:
         done = done_cells(existing)
@@ -281,6 +266,139 @@ def sweep(
     if any(r["status"] in FAILED_STATUSES for r in rows):
         err_console.print(f"[red]some cells failed[/] ({summary}); see the status and note columns")
         raise typer.Exit(EXIT_FAILED_ROWS)
+
+
+def _load_run_spec(profile, seq, modes, batch, layers, device):
+    """The spec (profile, or the default one for this machine, with command-line overrides) and its device."""
+    from ovqprof.spec import load_spec, resolve_profile
+
+    if profile is None:
+        profile, why = _default_profile()
+        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
+    spec = _apply_overrides(load_spec(resolve_profile(profile)), seq, modes, batch, layers, device)
+    return spec, _resolve_run_device(spec, device)
+
+
+@app.command("baseline")
+@user_errors
+def baseline_cmd(
+    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
+                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    seq: str | None = typer.Option(None, help="Sequence lengths, overriding the spec (as for sweep)."),
+    modes: str | None = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
+    batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
+    layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
+                                           "worker process (default: on for GPU, off for CPU)."),
+    cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
+                                  "%% of roofline column."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Baseline file to write (default: "
+                                          "<profile>-<device>.json in the current directory)."),
+    from_file: Path | None = typer.Option(None, "--from", help="Record the rows of a finished JSON result "
+                                             "(sweep --format json, check --output) instead of measuring."),
+    allow_failed: bool = typer.Option(False, "--allow-failed", help="Record even when cells failed (error, "
+                                      "check_failed, timeout); check does not compare those cells."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Record a baseline for `ovqprof check`: a sweep's rows with the machine header, as JSON."""
+    from ovqprof import baseline as recording
+    from ovqprof.check import load_results
+    from ovqprof.machine import machine_info
+    from ovqprof.sweep import SpecRunner, plan_cells
+
+    if from_file is not None:
+        given = [name for name, value in (("--profile", profile), ("--seq", seq), ("--modes", modes),
+                                          ("--batch", batch), ("--layers", layers), ("--device", device),
+                                          ("--isolate", isolate), ("--cell-timeout", cell_timeout)) if value is not None]
+        if given:
+            raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
+                             "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
+        header, rows = load_results(from_file, "--from")
+        output = output or recording.default_path(Path(str(header.get("profile") or "results")).stem, header)
+        recording.check_writable(output)
+        err_console.print(recording.record(output, header, rows, source=str(from_file), allow_failed=allow_failed),
+                          markup=False)
+        return
+    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
+    header = machine_info(run_device)
+    output = output or recording.default_path(spec.name, header)
+    recording.check_writable(output)
+    if isolate is None:
+        isolate = run_device.type == "cuda"
+    if cell_timeout is not None and not isolate:
+        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+    runner = SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=cell_timeout,
+                        roofline=roofline)
+    cells = plan_cells(spec)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        with _Progress(len(cells)) as progress:
+            rows = runner.measure(cells, on_start=progress.start, on_row=lambda row: progress.advance())
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: no baseline written to {output}", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        raise _fail(f"cannot run the measurement ({exc.strerror or exc}); no baseline written.",
+                    EXIT_INFRASTRUCTURE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _warn_shared_gpu(header)
+    err_console.print(recording.record(output, header, rows, source=f"sweep of {spec.file}",
+                                       allow_failed=allow_failed), markup=False)
+
+
+@app.command("check")
+@user_errors
+def check_cmd(
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline JSON (ovqprof baseline)."),
+    current: Path | None = typer.Option(None, "--current", "-c", help="Result JSON to compare (ovqprof "
+                                           "sweep --format json --output FILE)."),
+    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec to measure the baseline's cells "
+                                          "with now (and to re-measure flagged cells once before failing)."),
+    threshold: str = typer.Option("10%", help="Relative slow-down (or speed-up) that counts, e.g. 10%."),
+    layer_threshold: list[str] | None = typer.Option(None, "--layer-threshold", help="Per-layer threshold "
+                                                        "NAME=PCT or NAME:MODE=PCT (repeatable)."),
+    mode_threshold: list[str] | None = typer.Option(None, "--mode-threshold", help="Per-mode threshold "
+                                                       "MODE=PCT, e.g. decode=20% (repeatable)."),
+    min_delta_ms: float = typer.Option(0.005, "--min-delta-ms", help="Absolute floor: smaller changes (ms) "
+                                       "never count."),
+    fail_on_missing: bool = typer.Option(False, "--fail-on-missing", help="Fail when a baseline cell is "
+                                         "missing from the current run."),
+    allow_version_change: bool = typer.Option(False, "--allow-version-change", help="Compare although "
+                                              "torch, triton, CUDA, driver or ovqprof versions differ."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N for --profile measurements."),
+    isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each measured cell in a "
+                                           "fresh worker process (default: on for GPU, off for CPU)."),
+    cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
+    format: str = typer.Option("table", "--format", "-f", help="Report format: table, md or json."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the current rows (after "
+                                          "re-measurement) as a JSON result, e.g. to promote to a baseline."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Compare a run with a baseline (exit 0 pass, 1 regression, 2 usage, 3 other device or versions, 4 infra)."""
+    from ovqprof.check import REPORT_FORMATS, CheckOptions, Thresholds, check_command, render_report
+
+    if format not in REPORT_FORMATS:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(REPORT_FORMATS)}")
+    opts = CheckOptions(
+        baseline=baseline, current=current, profile=profile, device=device, isolate=isolate,
+        cell_timeout_s=cell_timeout, fail_on_missing=fail_on_missing, allow_version_change=allow_version_change,
+        thresholds=Thresholds.parse(threshold, layer_threshold or [], mode_threshold or [], min_delta_ms),
+        output=output)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        report, base_header = check_command(opts, log=lambda text: err_console.print(text, markup=False))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: no check result")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    typer.echo(render_report(report, format, baseline, base_header), nl=False)
+    colour = "red" if report.exit_code else "green"
+    err_console.print(f"[bold {colour}]check {report.summary()}[/]")
+    raise typer.Exit(report.exit_code)
 
 
 @app.command()

@@ -54,3 +54,22 @@ class SpecError(OvqprofError):
         if not text.endswith("."):
             text += "."
         super().__init__(text)
+
+
+class IncompatibleBaselineError(OvqprofError):
+    """A baseline measured on another device, or with incompatible versions: refused, not guessed (exit 3)."""
+
+    exit_code = 3
+
+
+class InfrastructureError(OvqprofError):
+    """The run itself could not be carried out: the device is unusable, workers cannot start, results cannot
+    be written (exit 4)."""
+
+    exit_code = 4
+
+
+class FailedCellsError(OvqprofError):
+    """Some cells failed where every cell must succeed, e.g. while recording a baseline (exit 1)."""
+
+    exit_code = 1

@@ -48,6 +48,22 @@ def check_output_writable(path: Path) -> None:
                          "existing, writable directory") from exc
 
 
+def json_document(header: dict, rows: list[dict]) -> str:
+    """The text of a JSON result file: {"header": {...}, "rows": [...]}."""
+    return json.dumps({"header": header, "rows": rows}, indent=1, allow_nan=False, default=str) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it over `path`: readers see the old file or
+    the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -178,8 +194,7 @@ class RowWriter:
         return open(self.path, "a" if self._appending else "w", newline="")
 
     def json_text(self) -> str:
-        return json.dumps({"header": self.header, "rows": self.rows}, indent=1, allow_nan=False,
-                          default=str) + "\n"
+        return json_document(self.header, self.rows)
 
     def table_text(self) -> str:
         return tabulate([short_row(r) for r in self.rows], headers=list(SHORT_HEADERS), tablefmt="simple",
@@ -191,12 +206,7 @@ class RowWriter:
         assert self.path is not None
         text = self.json_text() if self.fmt == "json" else "\n".join(_header_lines(self.header)) + "\n\n" + \
             self.table_text() + "\n"
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, text)
 
     def _print_rich_table(self) -> None:
         """A rich table on a terminal; plain text (tabulate) when stdout is a pipe or a file."""

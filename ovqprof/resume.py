@@ -14,10 +14,11 @@ from ovqprof.rows import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, cell_key
 RESUMABLE_FORMATS = {".csv": "csv", ".json": "json"}
 
 
-def resume_format(path: Path) -> str:
+def resume_format(path: Path, option: str = "--resume") -> str:
     fmt = RESUMABLE_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise UsageError(f"--resume {path}: cannot resume a {path.suffix or 'suffix-less'} file. Allowed: a "
+        verb = "resume" if option == "--resume" else "read"
+        raise UsageError(f"{option} {path}: cannot {verb} a {path.suffix or 'suffix-less'} file. Allowed: a "
                          ".csv or .json file written by `ovqprof sweep --output`")
     return fmt
 
@@ -37,16 +38,16 @@ def _typed(row: dict) -> dict:
     return out
 
 
-def read_rows(path: Path) -> tuple[str, list[dict], dict | None]:
+def read_rows(path: Path, option: str = "--resume") -> tuple[str, list[dict], dict | None]:
     """(format, rows, JSON header or None) of a result file. A CSV line cut short by a killed writer is
-    dropped from the file so appending continues on a clean line."""
-    fmt = resume_format(path)
+    dropped from the file so appending continues on a clean line. `option` names the file in messages."""
+    fmt = resume_format(path, option)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise UsageError(f"--resume {path} cannot be read ({exc.strerror}). Allowed: an existing result file "
+        raise UsageError(f"{option} {path} cannot be read ({exc.strerror}). Allowed: an existing result file "
                          "written by `ovqprof sweep --output`") from exc
-    not_ours = UsageError(f"--resume {path} is not an ovqprof result file (its columns differ). Allowed: a file "
+    not_ours = UsageError(f"{option} {path} is not an ovqprof result file (its columns differ). Allowed: a file "
                           "written by `ovqprof sweep --output` with --format csv or json")
     try:
         if fmt == "csv":
@@ -65,7 +66,7 @@ def read_rows(path: Path) -> tuple[str, list[dict], dict | None]:
             raise not_ours
         return fmt, [_typed(r) for r in rows], doc.get("header")
     except (ValueError, TypeError, KeyError) as exc:
-        raise UsageError(f"--resume {path} cannot be parsed ({exc}). Allowed: a file written by "
+        raise UsageError(f"{option} {path} cannot be parsed ({exc}). Allowed: a file written by "
                          "`ovqprof sweep --output` with --format csv or json") from exc
 
 

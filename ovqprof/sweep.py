@@ -7,10 +7,14 @@ already written.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
+import torch
+
 from ovqprof.cell import Cell, CellSettings, measure_cell
-from ovqprof.spec import Spec
+from ovqprof.rows import NOTE_CPU_MEMORY, NOTE_NO_PEAKS
+from ovqprof.spec import Spec, torch_dtype
 from ovqprof.worker import measure_cell_isolated
 
 
@@ -22,6 +26,43 @@ def plan_cells(spec: Spec) -> list[Cell]:
         for batch in spec.sweep.batch
         for seq in spec.sweep.seq
     ]
+
+
+def cells_for_keys(spec: Spec, keys: list[tuple]) -> tuple[list[Cell], list[tuple]]:
+    """The cells of `spec`'s layers for the given cell keys (layer, mode, seq, batch), in that order, and the
+    keys whose layer `spec` does not have."""
+    layers = {layer.name: layer for layer in spec.layers}
+    cells, unknown = [], []
+    for key in keys:
+        name, mode, seq, batch = key
+        if name in layers:
+            cells.append(Cell(layers[name], mode, int(seq), int(batch)))
+        else:
+            unknown.append(key)
+    return cells, unknown
+
+
+def start_run(spec: Spec, run_device: torch.device, header: dict, *, roofline: bool,
+              isolate: bool) -> CellSettings:
+    """Complete `header` (from `machine_info(run_device)`) with the run's date, profile, layer specs, timing
+    budgets, device peaks (measured here when `roofline`) and run-wide notes; return the cell settings."""
+    from ovqprof.measure.peaks import measure_peaks
+
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
+                  isolate=isolate)
+    # What was measured, so a later `ovqprof check` can tell whether the same layers are being compared.
+    header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
+    header["timing"] = {"warmup_ms": spec.sweep.warmup_ms, "rep_ms": spec.sweep.rep_ms,
+                        "check_seq": spec.sweep.check_seq}
+    peaks = {}
+    if roofline:
+        for dtype_name in sorted({layer.dtype for layer in spec.layers}):
+            peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
+    header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
+    header["notes"] = [note for note, applies in ((NOTE_CPU_MEMORY, run_device.type != "cuda"),
+                                                  (NOTE_NO_PEAKS, not roofline)) if applies]
+    return CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
+                        check_seq=spec.sweep.check_seq, peaks=peaks)
 
 
 def run_sweep(cells: list[Cell], settings: CellSettings, on_row: Callable[[dict], None], *,
@@ -39,3 +80,22 @@ def run_sweep(cells: list[Cell], settings: CellSettings, on_row: Callable[[dict]
         on_row(row)
         rows.append(row)
     return rows
+
+
+class SpecRunner:
+    """Measures cells of one spec on one device for commands that need rows, not a file (`baseline`,
+    `check`). `header` starts as `machine_info(run_device)`; the first `measure` completes it (`start_run`)."""
+
+    def __init__(self, spec: Spec, run_device: torch.device, header: dict, *, isolate: bool,
+                 cell_timeout_s: float | None = None, roofline: bool = False):
+        self.spec, self.run_device, self.header = spec, run_device, header
+        self.isolate, self.cell_timeout_s, self.roofline = isolate, cell_timeout_s, roofline
+        self.settings: CellSettings | None = None
+
+    def measure(self, cells: list[Cell], on_start: Callable[[Cell], None] | None = None,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+        if self.settings is None:
+            self.settings = start_run(self.spec, self.run_device, self.header, roofline=self.roofline,
+                                      isolate=self.isolate)
+        return run_sweep(cells, self.settings, on_row or (lambda row: None), isolate=self.isolate,
+                         cell_timeout_s=self.cell_timeout_s, on_start=on_start)

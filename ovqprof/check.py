@@ -1,0 +1,489 @@
+"""`ovqprof check`: compare a run with a baseline cell by cell, with a noise-aware rule.
+
+Per cell (layer, mode, seq, batch) whose rows are both `ok`, with baseline median `b` and current median `c`
+in ms, `t` the cell's relative threshold and `min_delta_ms` an absolute floor:
+
+- regressed: c > b * (1 + t)  and  c_p20 > b_p80  and  c - b > min_delta_ms
+- improved:  b > c * (1 + t)  and  b_p20 > c_p80  and  b - c > min_delta_ms
+- unchanged: otherwise.
+
+The middle condition says the runs' p20..p80 bands do not overlap: the change is larger than the noise the two
+runs show in its direction, `noise_ms` = (b_p80 - b) + (c - c_p20) for a slow-down (the baseline's upper
+spread plus the current run's lower spread), mirrored for a speed-up. Timing distributions have long upper
+tails, and this uses the side of each that could fake the change.
+So a change counts only when it passes a relative threshold (asv's factor), the runs' own spread (NVBench's
+rule) and a floor that keeps the jitter of microsecond kernels from counting (xformers' rule). The other
+verdicts: `failed` (ok in the baseline, not ok now: error, oom, check_failed, timeout, skipped), `missing`
+(ok in the baseline, absent now), `new` (only in the current run), `not compared` (not ok in the baseline).
+`regressed` and `failed` cells are re-measured once before they count, when a profile to measure with is given.
+
+Exit codes (the CLI's): 0 pass, 1 regressed or failed cells (or missing ones with `fail_on_missing`), 2 usage
+or a corrupt file, 3 a baseline from another device or with incompatible versions, 4 infrastructure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from ovqprof.errors import IncompatibleBaselineError, InfrastructureError, UsageError
+from ovqprof.layers.base import MODES
+from ovqprof.resume import read_rows
+from ovqprof.rows import cell_key
+
+EXIT_PASS, EXIT_REGRESSION = 0, 1
+DEFAULT_THRESHOLD = 0.10
+DEFAULT_MIN_DELTA_MS = 0.005  # 5 us: below this, launch and clock jitter dominate a GPU kernel's time
+
+# Report order: what fails first.
+VERDICTS = ("regressed", "failed", "missing", "improved", "unchanged", "new", "not compared")
+FAILING_VERDICTS = frozenset({"regressed", "failed"})
+RECORD_HINT = "`ovqprof baseline` or `ovqprof sweep --format json --output FILE`"
+
+# Header fields that must match exactly (another device is refused, not guessed), and versions compared by
+# their leading release numbers: (field, how many numbers must agree).
+DEVICE_FIELDS = ("device_type", "device")
+VERSION_FIELDS = (("torch", 2), ("triton", 2), ("cuda", 2), ("driver", 1), ("ovqprof", 2))
+
+
+# --- thresholds --------------------------------------------------------------------------------------------
+def parse_percent(text: str, option: str) -> float:
+    """'10%' or '10' -> 0.10 (a fraction)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*%?\s*", text)
+    if not match:
+        raise UsageError(f"{option} {text!r} is not a percentage. Allowed: a number >= 0, optionally with %, "
+                         "e.g. 10%")
+    return float(match.group(1)) / 100.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Relative thresholds as fractions: `by_layer` keys are `layer` or `layer:mode`, `by_mode` keys modes.
+    The most specific wins: layer:mode, then layer, then mode, then `default`."""
+
+    default: float = DEFAULT_THRESHOLD
+    by_layer: dict[str, float] = field(default_factory=dict)
+    by_mode: dict[str, float] = field(default_factory=dict)
+    min_delta_ms: float = DEFAULT_MIN_DELTA_MS
+
+    def for_cell(self, layer: str, mode: str) -> float:
+        for table, key in ((self.by_layer, f"{layer}:{mode}"), (self.by_layer, layer), (self.by_mode, mode)):
+            if key in table:
+                return table[key]
+        return self.default
+
+    @classmethod
+    def parse(cls, default: str, layer_items: list[str], mode_items: list[str], min_delta_ms: float) -> Thresholds:
+        """From CLI text: `--threshold 10%`, `--layer-threshold mha=15%` or `mha:decode=25%`,
+        `--mode-threshold decode=20%`."""
+        if not (min_delta_ms >= 0 and math.isfinite(min_delta_ms)):
+            raise UsageError(f"--min-delta-ms {min_delta_ms} is not valid. Allowed: a number of ms >= 0")
+        by_layer = _parse_items(layer_items, "--layer-threshold", "NAME=PCT or NAME:MODE=PCT, e.g. mha=15%")
+        by_mode = _parse_items(mode_items, "--mode-threshold", f"MODE=PCT with MODE one of {', '.join(MODES)}")
+        for key in by_layer:
+            if ":" in key and key.split(":", 1)[1] not in MODES:
+                raise UsageError(f"--layer-threshold {key!r}: unknown mode {key.split(':', 1)[1]!r}. Allowed: "
+                                 f"NAME:MODE with MODE one of {', '.join(MODES)}")
+        bad = [m for m in by_mode if m not in MODES]
+        if bad:
+            raise UsageError(f"--mode-threshold: unknown mode(s) {bad}. Allowed: {', '.join(MODES)}")
+        return cls(parse_percent(default, "--threshold"), by_layer, by_mode, min_delta_ms)
+
+
+def _parse_items(items: list[str], option: str, allowed: str) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, pct = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{option} {item!r} is not valid. Allowed: {allowed}")
+        out[name.strip()] = parse_percent(pct, option)
+    return out
+
+
+# --- result files ------------------------------------------------------------------------------------------
+def load_results(path: Path, option: str) -> tuple[dict, list[dict]]:
+    """(header, rows) of a JSON result or baseline file, validated. A corrupt, truncated or header-less file
+    is a UsageError (exit 2) that says what is wrong."""
+    hint = f"Record one with {RECORD_HINT}"
+    if path.suffix.lower() != ".json":
+        raise UsageError(f"{option} {path}: only a JSON result file carries the machine header that says which "
+                         f"device and versions it was measured with. {hint}")
+    if not path.is_file():
+        raise UsageError(f"{option} {path} does not exist or is not a file. {hint}")
+    try:
+        _, rows, header = read_rows(path, option)
+    except UsageError as exc:
+        raise UsageError(f"{exc}. {hint}") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{option} {path} has no machine header, so its device and versions are unknown. {hint}")
+    absent = [k for k in (*DEVICE_FIELDS, *(f for f, _ in VERSION_FIELDS)) if k not in header]
+    if absent or not header.get("device"):
+        raise UsageError(f"{option} {path}: the machine header lacks {', '.join(absent) or 'device'}. {hint}")
+    seen: set[tuple] = set()
+    for i, row in enumerate(rows):
+        where = f"{option} {path}, row {i + 1}"
+        if any(row.get(k) is None for k in ("layer", "mode", "seq", "batch", "status")):
+            raise UsageError(f"{where}: a cell without layer, mode, seq, batch or status. {hint}")
+        key = cell_key(row)
+        if key in seen:
+            raise UsageError(f"{where}: cell {_key_text(key)} appears twice. {hint}")
+        seen.add(key)
+        median = row.get("ms_median")
+        if row["status"] == "ok" and not (median is not None and math.isfinite(median) and median > 0):
+            raise UsageError(f"{where}: an ok cell without a positive ms_median (got {median!r}). {hint}")
+    return header, rows
+
+
+def _key_text(key: tuple) -> str:
+    layer, mode, seq, batch = key
+    return f"{layer} {mode} seq={seq} batch={batch}"
+
+
+def _release(version: object, parts: int) -> tuple | object:
+    """The leading `parts` release numbers of a version ('2.13.0+cpu' -> (2, 13)); other values as they are."""
+    if not isinstance(version, str):
+        return version
+    numbers = re.findall(r"\d+", version.split("+")[0])
+    return tuple(int(n) for n in numbers[:parts]) if numbers else version
+
+
+def _device_text(header: dict) -> str:
+    text = str(header.get("device"))
+    if header.get("device_type") == "cpu" and header.get("cpu_threads") is not None:
+        text += f" ({header['cpu_threads']} threads)"
+    if header.get("triton_interpret"):
+        text += " (Triton interpreter)"
+    return text
+
+
+def check_compatible(baseline: dict, current: dict, *, allow_version_change: bool = False,
+                     current_name: str = "the current run") -> list[str]:
+    """Refuse (IncompatibleBaselineError, exit 3) a comparison across devices, CPU thread counts, Triton
+    interpreter on/off, or, unless `allow_version_change`, different major.minor of torch, triton, CUDA and
+    ovqprof or a different driver major; return notes on smaller differences (patch versions, Python)."""
+    if _device_text(baseline) != _device_text(current) or any(baseline.get(k) != current.get(k)
+                                                              for k in DEVICE_FIELDS):
+        raise IncompatibleBaselineError(
+            f"the baseline was measured on {_device_text(baseline)!r}, {current_name} on "
+            f"{_device_text(current)!r}. Timings from different devices are not compared. Allowed: a baseline "
+            "recorded on this device (`ovqprof baseline` on the same machine type)")
+    notes, problems = [], []
+    for name, parts in VERSION_FIELDS:
+        old, new = baseline.get(name), current.get(name)
+        if old == new:
+            continue
+        if _release(old, parts) == _release(new, parts):
+            notes.append(f"{name} {old} -> {new}")
+        else:
+            problems.append(f"{name} {old} -> {new}")
+    if baseline.get("python") != current.get("python"):
+        notes.append(f"python {baseline.get('python')} -> {current.get('python')}")
+    if problems and not allow_version_change:
+        raise IncompatibleBaselineError(
+            f"the baseline was measured with other versions than {current_name} ({'; '.join(problems)}); "
+            "kernel speed can change with them. Allowed: re-record the baseline with these versions "
+            "(`ovqprof baseline`), or pass --allow-version-change to compare anyway")
+    notes.extend(f"version change allowed: {p}" for p in problems)
+    return notes
+
+
+def check_same_layers(baseline: dict, current_layers: list[dict] | None, names: set[str], where: str) -> None:
+    """UsageError when a layer compared in both runs was configured differently (dimensions, dtype, options):
+    its cells would measure another workload."""
+    if not current_layers or not baseline.get("layers"):
+        return
+    old = {layer.get("name"): layer for layer in baseline["layers"] if isinstance(layer, dict)}
+    new = {layer.get("name"): layer for layer in current_layers}
+    for name in sorted(names & set(old) & set(new)):
+        diff = [f"{k}: {old[name].get(k)!r} -> {new[name].get(k)!r}"
+                for k in sorted(set(old[name]) | set(new[name])) if old[name].get(k) != new[name].get(k)]
+        if diff:
+            raise UsageError(f"layer {name!r} in {where} is configured differently from the baseline's "
+                             f"({'; '.join(diff)}), so its cells measure another workload. Allowed: the spec "
+                             "the baseline was recorded with, or a re-recorded baseline")
+
+
+# --- comparison --------------------------------------------------------------------------------------------
+@dataclass
+class CellResult:
+    """One cell's verdict; `first_ms` is the current median before a re-measurement replaced it."""
+
+    key: tuple
+    verdict: str
+    baseline: dict | None
+    current: dict | None
+    threshold: float | None = None
+    noise_ms: float | None = None
+    note: str = ""
+    first_ms: float | None = None
+
+    @property
+    def change(self) -> float | None:
+        """Relative change of the median time (+0.2: 20% slower)."""
+        if self.baseline is None or self.current is None or self.verdict == "not compared":
+            return None
+        b, c = self.baseline.get("ms_median"), self.current.get("ms_median")
+        return c / b - 1.0 if b and c is not None else None
+
+
+def _spread_ms(row: dict, side: str) -> float:
+    """How far the row's p80 (`side` 'up') or p20 ('down') lies from its median, in ms (0 when unknown)."""
+    q = row.get("ms_p80" if side == "up" else "ms_p20")
+    return 0.0 if q is None else max(0.0, q - row["ms_median"] if side == "up" else row["ms_median"] - q)
+
+
+def compare_cell(key: tuple, base: dict | None, cur: dict | None, thresholds: Thresholds) -> CellResult:
+    if base is None:
+        return CellResult(key, "new", None, cur, note="not in the baseline")
+    if base["status"] != "ok":
+        now = f", now {cur['status']}" if cur is not None else ""
+        return CellResult(key, "not compared", base, cur, note=f"baseline status {base['status']}{now}")
+    if cur is None:
+        return CellResult(key, "missing", base, None, note="not in the current run")
+    if cur["status"] != "ok":
+        return CellResult(key, "failed", base, cur, note=f"now {cur['status']}: {cur.get('note') or ''}".strip(": "))
+    layer, mode = key[0], key[1]
+    t = thresholds.for_cell(layer, mode)
+    b, c = base["ms_median"], cur["ms_median"]
+    delta = c - b
+    if delta > 0:  # slower: the baseline's upper spread and the current run's lower one could fake it
+        noise = _spread_ms(base, "up") + _spread_ms(cur, "down")
+    else:
+        noise = _spread_ms(base, "down") + _spread_ms(cur, "up")
+    result = CellResult(key, "unchanged", base, cur, threshold=t, noise_ms=noise)
+    beyond_threshold = c > b * (1 + t) if delta > 0 else b > c * (1 + t)
+    if beyond_threshold:
+        if abs(delta) <= noise:
+            result.note = "beyond the threshold but within the runs' spread"
+        elif abs(delta) <= thresholds.min_delta_ms:
+            result.note = f"beyond the threshold but under the {thresholds.min_delta_ms:g} ms floor"
+        else:
+            result.verdict = "regressed" if delta > 0 else "improved"
+    if base.get("impl") != cur.get("impl"):
+        result.note = "; ".join(n for n in (result.note, f"impl {base.get('impl')} -> {cur.get('impl')}") if n)
+    return result
+
+
+def compare(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds) -> list[CellResult]:
+    """Every baseline cell in order, then the cells only the current run has."""
+    current = {cell_key(r): r for r in cur_rows}
+    base_keys = [cell_key(r) for r in base_rows]
+    results = [compare_cell(k, r, current.get(k), thresholds) for k, r in zip(base_keys, base_rows, strict=True)]
+    known = set(base_keys)
+    results += [compare_cell(k, None, r, thresholds) for k, r in current.items() if k not in known]
+    return results
+
+
+def check_dtypes(results: list[CellResult]) -> None:
+    mismatched = [f"{_key_text(r.key)} ({r.baseline.get('dtype')} -> {r.current.get('dtype')})" for r in results
+                  if r.baseline and r.current and r.baseline.get("dtype") != r.current.get("dtype")]
+    if mismatched:
+        raise UsageError(f"cells measured at another dtype than the baseline's: {', '.join(mismatched[:5])}"
+                         f"{' ...' if len(mismatched) > 5 else ''}. Allowed: the spec the baseline was "
+                         "recorded with, or a re-recorded baseline")
+
+
+@dataclass
+class CheckReport:
+    results: list[CellResult]
+    notes: list[str] = field(default_factory=list)
+    fail_on_missing: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.results) for v in VERDICTS}
+
+    @property
+    def exit_code(self) -> int:
+        failing = FAILING_VERDICTS | ({"missing"} if self.fail_on_missing else set())
+        return EXIT_REGRESSION if any(r.verdict in failing for r in self.results) else EXIT_PASS
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {v}" for v, n in self.counts().items() if n) or "no cells"
+        return f"{'FAIL' if self.exit_code else 'PASS'}: {counts}"
+
+
+def run_check(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds, *,
+              remeasure: Callable[[list[tuple]], list[dict]] | None = None, fail_on_missing: bool = False,
+              notes: list[str] | None = None) -> tuple[CheckReport, list[dict]]:
+    """Compare; re-measure the flagged cells once with `remeasure(keys) -> rows` (when given) and judge them on
+    the new rows. Returns the report and the current rows with re-measured ones replaced."""
+    results = compare(base_rows, cur_rows, thresholds)
+    check_dtypes(results)
+    notes = notes if notes is not None else []
+    flagged = [r for r in results if r.verdict in FAILING_VERDICTS]
+    if flagged and remeasure is not None:
+        fresh = {cell_key(row): row for row in remeasure([r.key for r in flagged])}
+        for i, old in enumerate(results):
+            if old.verdict in FAILING_VERDICTS and old.key in fresh:
+                new = compare_cell(old.key, old.baseline, fresh[old.key], thresholds)
+                new.first_ms = old.current.get("ms_median") if old.current else None
+                first = f"{new.first_ms:.4g} ms" if new.first_ms is not None else old.current.get("status")
+                new.note = "; ".join(n for n in (f"re-measured (first run: {first}, {old.verdict})", new.note) if n)
+                results[i] = new
+        cur_rows = [fresh.get(cell_key(r), r) for r in cur_rows]
+        notes.append(f"{len(flagged)} flagged cell(s) re-measured once before judging")
+    elif flagged:
+        notes.append("flagged cells were not re-measured (pass --profile to re-measure them)")
+    return CheckReport(results, notes, fail_on_missing), cur_rows
+
+
+# --- report ------------------------------------------------------------------------------------------------
+REPORT_FORMATS = ("table", "md", "json")
+_HEADERS = ("layer", "mode", "seq", "batch", "verdict", "base ms", "now ms", "change", "noise ms", "threshold",
+            "note")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _report_rows(report: CheckReport) -> list[list[str]]:
+    ordered = sorted(report.results, key=lambda r: VERDICTS.index(r.verdict))
+    out = []
+    for r in ordered:
+        change = r.change
+        out.append([*map(str, r.key), r.verdict,
+                    _ms(r.baseline.get("ms_median") if r.baseline else None),
+                    _ms(r.current.get("ms_median") if r.current else None),
+                    "-" if change is None else f"{change * 100:+.1f}%",
+                    _ms(r.noise_ms), "-" if r.threshold is None else f"{r.threshold * 100:g}%",
+                    r.note if len(r.note) <= 90 else r.note[:87] + "..."])
+    return out
+
+
+def render_report(report: CheckReport, fmt: str, baseline_path: Path, baseline_header: dict) -> str:
+    if fmt == "json":
+        doc = {"baseline": str(baseline_path), "device": baseline_header.get("device"),
+               "result": "fail" if report.exit_code else "pass", "exit_code": report.exit_code,
+               "counts": report.counts(), "notes": report.notes,
+               "cells": [dict(zip(("layer", "mode", "seq", "batch"), r.key, strict=True)) |
+                         {"verdict": r.verdict, "baseline_ms": r.baseline.get("ms_median") if r.baseline else None,
+                          "current_ms": r.current.get("ms_median") if r.current else None,
+                          "change": r.change, "noise_ms": r.noise_ms, "threshold": r.threshold,
+                          "first_ms": r.first_ms, "note": r.note} for r in report.results]}
+        return json.dumps(doc, indent=1) + "\n"
+    where = f"baseline {baseline_path} ({baseline_header.get('device')}, recorded " \
+            f"{(baseline_header.get('baseline') or {}).get('recorded') or baseline_header.get('date')})"
+    if fmt == "md":
+        lines = ["# ovqprof check", "", f"**{report.summary()}**", "", f"- {where}",
+                 *[f"- note: {n}" for n in report.notes], "",
+                 "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _report_rows(report)]
+        return "\n".join(lines) + "\n"
+    table = tabulate(_report_rows(report), headers=list(_HEADERS), tablefmt="simple", disable_numparse=True,
+                     colalign=["left", "left", "right", "right", "left", "right", "right", "right", "right",
+                               "right", "left"])
+    lines = [f"- {where}", *[f"- note: {n}" for n in report.notes], "", table, "", report.summary()]
+    return "\n".join(lines) + "\n"
+
+
+# --- the command -------------------------------------------------------------------------------------------
+@dataclass
+class CheckOptions:
+    """What `ovqprof check` was asked to do (parsed CLI options)."""
+
+    baseline: Path
+    current: Path | None = None
+    profile: str | None = None
+    device: str | None = None
+    isolate: bool | None = None
+    cell_timeout_s: float | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    fail_on_missing: bool = False
+    allow_version_change: bool = False
+    output: Path | None = None
+
+
+def _profile_runner(opts: CheckOptions, base_header: dict, names: set[str], notes: list[str]):
+    """A SpecRunner for the profile on this machine, after checking that this machine and the profile's
+    layers match the baseline."""
+    from ovqprof.machine import machine_info, resolve_device
+    from ovqprof.spec import load_spec, resolve_profile
+    from ovqprof.sweep import SpecRunner
+
+    spec = load_spec(resolve_profile(opts.profile))
+    name = opts.device or spec.defaults.device
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        raise UsageError(f"--device {name!r} is not valid. Allowed: auto, cpu, cuda, cuda:N")
+    try:
+        run_device = resolve_device(name)
+    except (ValueError, RuntimeError) as exc:
+        raise InfrastructureError(f"cannot measure on device {name!r}: {exc}. The baseline was measured on "
+                                  f"{base_header.get('device')!r}; run the check on such a machine") from exc
+    header = machine_info(run_device)
+    for note in check_compatible(base_header, header, allow_version_change=opts.allow_version_change,
+                                 current_name="this machine"):
+        if note not in notes:
+            notes.append(note)
+    check_same_layers(base_header, [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers],
+                      names, str(spec.file))
+    timing = {"warmup_ms": spec.sweep.warmup_ms, "rep_ms": spec.sweep.rep_ms, "check_seq": spec.sweep.check_seq}
+    if base_header.get("timing") not in (None, timing):
+        notes.append(f"timing budgets differ from the baseline's ({base_header['timing']} -> {timing})")
+    isolate = run_device.type == "cuda" if opts.isolate is None else opts.isolate
+    if opts.cell_timeout_s is not None and not isolate:
+        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+    return SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=opts.cell_timeout_s)
+
+
+def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: None
+                  ) -> tuple[CheckReport, dict]:
+    """Load, refuse what cannot be compared, measure with the profile when asked, compare, re-measure
+    flagged cells, write the current rows to `opts.output`. Returns the report and the baseline header."""
+    from ovqprof.output import json_document, write_atomic
+    from ovqprof.sweep import cells_for_keys
+
+    if opts.current is None and opts.profile is None:
+        raise UsageError("nothing to compare with the baseline. Allowed: --current RESULT.json (a finished sweep), "
+                         "--profile P.yaml (measure the baseline's cells now), or both (re-measure flagged cells)")
+    if opts.output is not None:
+        from ovqprof.baseline import check_writable
+
+        check_writable(opts.output)
+    base_header, base_rows = load_results(opts.baseline, "--baseline")
+    names = {r["layer"] for r in base_rows}
+    notes: list[str] = []
+    cur_header = cur_rows = None
+    if opts.current is not None:
+        cur_header, cur_rows = load_results(opts.current, "--current")
+        notes += check_compatible(base_header, cur_header, allow_version_change=opts.allow_version_change,
+                                  current_name=f"--current {opts.current}")
+        check_same_layers(base_header, cur_header.get("layers"), names, f"--current {opts.current}")
+    runner = _profile_runner(opts, base_header, names, notes) if opts.profile is not None else None
+
+    def remeasure(keys: list[tuple]) -> list[dict]:
+        assert runner is not None
+        cells, unknown = cells_for_keys(runner.spec, keys)
+        if unknown and not cells:
+            raise UsageError(f"{runner.spec.file} has none of the baseline's layers ({', '.join(sorted(names))}). "
+                             "Allowed: the spec the baseline was recorded with")
+        if unknown:
+            notes.append(f"{len(unknown)} cell(s) not measured: layer(s) "
+                         f"{', '.join(sorted({k[0] for k in unknown}))} not in {runner.spec.file}")
+        log(f"measuring {len(cells)} cell(s) with {runner.spec.file} on {runner.header.get('device')}")
+        try:
+            return runner.measure(cells)
+        except OSError as exc:  # a worker process that cannot start, a vanished device node
+            raise InfrastructureError(f"cannot run the measurement ({exc.strerror or exc}); "
+                                      f"{len(cells)} cell(s) were to be measured") from None
+
+    if cur_rows is None:
+        assert runner is not None
+        cur_rows = remeasure([cell_key(r) for r in base_rows if r["status"] == "ok"])
+        cur_header = runner.header
+    report, cur_rows = run_check(base_rows, cur_rows, opts.thresholds,
+                                 remeasure=remeasure if runner is not None else None,
+                                 fail_on_missing=opts.fail_on_missing, notes=notes)
+    if opts.output is not None:
+        try:
+            write_atomic(opts.output, json_document(cur_header, cur_rows))
+        except OSError as exc:
+            raise InfrastructureError(f"cannot write --output {opts.output} ({exc.strerror or exc})") from None
+        report.notes.append(f"current rows written to {opts.output}")
+    return report, base_header
