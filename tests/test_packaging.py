@@ -28,6 +28,9 @@ def test_wheel_maps_kernels_and_layers_under_ovqprof(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ovqprof/layers/base.py" in names
     assert "ovqprof/kernels/__init__.py" in names
+    # every subpackage ships (a missing one only shows up outside an editable install)
+    for module in ("ovqprof/measure/timing.py", "ovqprof/kernels/ovq/reference.py", "ovqprof/layers/ovq.py"):
+        assert module in names, module
     assert "ovqprof/profiles/quick.yaml" in names and "ovqprof/profiles/default.yaml" in names
     top_level = {n.split("/")[0] for n in names}
     assert "kernels" not in top_level and "layers" not in top_level and "tests" not in top_level
@@ -39,7 +42,7 @@ def test_installed_wheel_imports_both_subpackages(wheel, tmp_path):
                            str(wheel)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     code = (
-        "import importlib.util, ovqprof.layers, ovqprof.kernels, ovqprof.registry\n"
+        "import importlib.util, ovqprof.layers, ovqprof.kernels, ovqprof.registry, ovqprof.cli, ovqprof.layers.ovq\n"
         "print(ovqprof.layers.__file__); print(ovqprof.kernels.__file__)\n"
         "print(importlib.util.find_spec('layers') is None and importlib.util.find_spec('kernels') is None)\n"
         "print(sorted(t.name for t in ovqprof.registry.all_layer_types()))\n"
