@@ -18,7 +18,7 @@ from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
 from ovqprof.kernels.ovq.config import triton_unsupported
-from ovqprof.kernels.ovq.reference import advance
+from ovqprof.kernels.ovq.reference import advance, tail_buffer
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -168,18 +168,11 @@ class OVQAttention(SequenceLayer):
 
         q, k, v = self._kernel_inputs(x)
         o, _, _, sk, sv, cnt = ovq_forward_triton(q, k, v, self.beta.float(), self.config)
-        B, H, T, dh = q.shape
-        L = self.config.chunk_size
-        written = (T // L) * L
+        T = q.shape[2]
         mean = cnt.clamp_min(1.0).unsqueeze(-1)  # the kernel keeps sums; the state holds running means
         ad = self.accum_dtype
-        buf_k = torch.zeros(B, H, L - 1, dh, dtype=ad, device=x.device)
-        buf_v = torch.zeros_like(buf_k)
-        tail = T - written
-        if tail:
-            buf_k[:, :, :tail] = k[:, :, written:].to(ad)
-            buf_v[:, :, :tail] = v[:, :, written:].to(ad)
-        state = OVQState((sk / mean).to(ad), (sv / mean).to(ad), cnt.to(ad), self.active_slots(T), written,
+        buf_k, buf_v, tail = tail_buffer(k, v, self.config.chunk_size, ad)
+        state = OVQState((sk / mean).to(ad), (sv / mean).to(ad), cnt.to(ad), self.active_slots(T), T - tail,
                          buf_k, buf_v, tail)
         return self._output(o, x.dtype), state
 
@@ -216,9 +209,9 @@ class OVQAttention(SequenceLayer):
         flops = 0.0
         dict_elems = 0.0
         for c in range(-(-seq // L)):
-            n, m = spawn_count(cfg, c) if (c + 1) * L <= seq else (active_after(cfg, c * L), 0)
+            n, m = spawn_count(cfg, c)
             flops += 2 * L * (n + L) * 2 * dh
-            if (c + 1) * L <= seq:
+            if (c + 1) * L <= seq:  # a full chunk is also written (the last partial one only reads)
                 flops += 2 * L * (n + m) * dh + 2 * L * 2 * dh
             dict_elems += n * (2 * dh + 1)
         return flops, dict_elems

@@ -29,9 +29,10 @@ def _quick_cells() -> int:
     """Cells of the quick profile (layers x modes x seq lengths x batches), as the sweep plans them."""
     from ovqprof.spec import load_spec, resolve_profile
 
-    sweep = load_spec(resolve_profile("quick")).sweep
+    spec = load_spec(resolve_profile("quick"))
+    sweep = spec.sweep
     batches = sweep.batch if isinstance(sweep.batch, (list, tuple)) else [sweep.batch]
-    return len(load_spec(resolve_profile("quick")).layers) * len(sweep.modes) * len(sweep.seq) * len(batches)
+    return len(spec.layers) * len(sweep.modes) * len(sweep.seq) * len(batches)
 
 
 QUICK_CELLS = _quick_cells()

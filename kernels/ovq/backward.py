@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import _dict_dot, _dot, exact_dots, ovq_forward_triton, schedule_tensors
+from .forward import _dict_dot, _dot, _slot_tile, exact_dots, ovq_forward_triton, schedule_tensors
 
 
 @triton.jit
@@ -68,15 +68,9 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
         for s0 in range(0, n, BN):
             slots = s0 + slot_ids
             smask = slots < n
-            sk = tl.load(sk_base + slots[:, None] * DK + dk[None, :], mask=smask[:, None], other=0.0,
-                         cache_modifier=".cg")
-            cnt = tl.load(c_base + slots, mask=smask, other=1.0, cache_modifier=".cg")
+            sk, cnt, norm = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
             sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                          cache_modifier=".cg")
-            if NORMALIZE:
-                norm = tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
-            else:
-                norm = cnt
             d_k = sk / norm[:, None]  # D_k [BN, DK] float32
             d_v = sv / cnt[:, None]   # D_v [BN, DV]
             dots = _dict_dot(q, tl.trans(d_k), IEEE, DICT_TF32)

@@ -52,6 +52,21 @@ def _dict_dot(a, b, IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
 
 
 @triton.jit
+def _slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: tl.constexpr):
+    """One tile of the dictionary: sums S_k [BN, DK] and counts [BN] (masked slots read as 0 and 1), and the
+    scale of its key centroids, D_k = S_k / scale, with scale |S_k| (normalize_centroids) or the count.
+    Loads bypass L1 (.cg): the kernels update the dictionary with atomics, which L1 would not see."""
+    sk = tl.load(sk_base + slots[:, None] * DK + dk[None, :], mask=smask[:, None], other=0.0,
+                 cache_modifier=".cg")
+    cnt = tl.load(c_base + slots, mask=smask, other=1.0, cache_modifier=".cg")
+    if NORMALIZE:
+        scale = tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
+    else:
+        scale = cnt
+    return sk, cnt, scale
+
+
+@triton.jit
 def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
                    T, H, N, n_write, n_chunks,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
@@ -86,13 +101,8 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
         for s0 in range(0, n, BN):
             slots = s0 + slot_ids
             smask = slots < n
-            sk = tl.load(sk_base + slots[:, None] * DK + dk[None, :], mask=smask[:, None], other=0.0,
-                         cache_modifier=".cg")
-            cnt = tl.load(c_base + slots, mask=smask, other=1.0, cache_modifier=".cg")
-            if NORMALIZE:
-                inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(sk * sk, axis=1), 1e-30))
-            else:
-                inv = 1.0 / cnt
+            sk, cnt, scale = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
+            inv = 1.0 / scale
             skt = tl.trans(sk)
             s = _dict_dot(q, skt, IEEE, DICT_TF32) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
             s = tl.where(smask[None, :], s, float("-inf"))

@@ -208,15 +208,24 @@ def ovq_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
             keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L)
             written += L
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
-    tail = T % L
-    buf_k = torch.zeros(B, H, L - 1, dk, dtype=q.dtype, device=q.device)
-    buf_v = torch.zeros(B, H, L - 1, dv, dtype=q.dtype, device=q.device)
-    if tail:
-        buf_k[:, :, :tail] = k[:, :, T - tail:].detach()
-        buf_v[:, :, :tail] = v[:, :, T - tail:].detach()
+    buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
     new_state = OVQState(_pad_slots(keys, N), _pad_slots(values, N), _pad_slots(counts, N), keys.shape[2],
                          written, buf_k, buf_v, tail)
     return o, new_state
+
+
+def tail_buffer(k: torch.Tensor, v: torch.Tensor, chunk_size: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The decode buffer after a prompt k [B, H, T, dk], v [B, H, T, dv]: its last T mod L tokens (detached,
+    in `dtype`) in rows 0.. of buffers [B, H, L-1, d], and that count."""
+    B, H, T, _ = k.shape
+    tail = T % chunk_size
+    buf_k = torch.zeros(B, H, chunk_size - 1, k.shape[-1], dtype=dtype, device=k.device)
+    buf_v = torch.zeros(B, H, chunk_size - 1, v.shape[-1], dtype=dtype, device=v.device)
+    if tail:
+        buf_k[:, :, :tail] = k[:, :, T - tail:].detach()
+        buf_v[:, :, :tail] = v[:, :, T - tail:].detach()
+    return buf_k, buf_v, tail
 
 
 def ovq_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
