@@ -117,6 +117,20 @@ class SequenceLayer(nn.Module):
         step at context `seq`)."""
         raise NotImplementedError
 
+    def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Associative-memory probe of the layer's core (the capacity analysis, `ovqprof capacity`).
+
+        Writes the pairs (keys[:, :, i], values[:, :, i]) in order i = 0..N-1 through the core's own state
+        update with identity projections (no q/k/v/o weights, no convolutions or gates that depend on
+        learned weights beyond what the mechanism needs at its defaults), then reads every query against the
+        state after the last write, without writing the queries themselves.
+        keys[B, H, N, dk], values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv], all in the
+        layer's accumulation dtype. Any gap (filler tokens) is part of keys/values, put there by the caller.
+        Raises NotImplementedError (with a one-line reason) for layers whose core has no separable write
+        and read path; the capacity command reports those as `skipped`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no associative-memory probe")
+
     def implementation(self) -> str:
         """Which implementation runs on the layer's current device, e.g. `torch-sdpa` or `triton`."""
         return "torch"
