@@ -6,7 +6,8 @@ init, autotune) before any call is timed; inputs are random, weights seeded. Wit
 skipped with the reason; `ovqprof check` is the other, noise-aware way to gate (README, "Regression checks
 in CI").
 
-Add a layer by adding an entry to LAYERS (OVQ-attention goes here once its kernels are settled).
+Add a layer by adding an entry to LAYERS. OVQ-attention runs its v1 Triton kernels here (forward, backward and
+decode all dispatch to Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LAYERS = [
     ("gqa", "softmax_attention", {"kv_heads": 4}),
     ("swa", "softmax_attention", {"window": 1024}),
     ("linear", "linear_attention", {"feature_map": "elu+1", "normalize": True}),
+    ("ovq", "ovq", {"dict_size": 1024, "chunk_size": 64}),
 ]
 D_MODEL, HEADS, HEAD_DIM, DTYPE = 1024, 16, 64, "bfloat16"
 SEQ, BATCH = 4096, 1
