@@ -22,6 +22,8 @@ BUILTIN_LAYERS: dict[str, str] = {
     "softmax_attention": "ovqprof.layers.softmax_attention:SoftmaxAttention",
     "linear_attention": "ovqprof.layers.linear_attention:LinearAttention",
     "ovq": "ovqprof.layers.ovq:OVQAttention",
+    "mla": "ovqprof.layers.mla:MultiHeadLatentAttention",
+    "bank_of_values": "ovqprof.layers.bank_of_values:BankOfValues",
 }
 
 

@@ -1,0 +1,246 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2): keys and values up-projected from a small latent, plus a
+decoupled RoPE key shared by all heads; decode in absorbed form over a cache of latents only.
+
+Shapes: B batch, T length, D d_model, H heads, dh head_dim (no-RoPE part of q/k and the value head dim),
+dc kv_latent, dr rope_dim, dq q_latent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .attention_probe import softmax_read
+from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer
+from .rope import apply_rope, rope_cos_sin
+
+# Smallest capacity a latent cache grows to when `step` runs past it.
+MIN_GROWN_CAPACITY = 16
+
+
+class MLAOptions(LayerOptions):
+    kv_latent: int = Field(512, ge=1, description="d_c: width of the cached latent c = W_dkv h (DeepSeek-V2: 512)")
+    rope_dim: int = Field(64, ge=0, description="d_rope: width of the decoupled RoPE part of q and of the shared "
+                                                "RoPE key (DeepSeek-V2: 64); even, 0 = no positional encoding")
+    q_latent: int | None = Field(None, ge=1, description="d_q: queries through their own latent W_uq W_dq h "
+                                                         "(DeepSeek-V2: 1536); None = direct projection")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+
+
+@dataclass
+class LatentCache:
+    """Decode state: ckv[B, cap, dc + dr] preallocated, slot p holding position p as [c_p, rope(k_rope_p)]
+    (shared by all heads), and `length` tokens seen. Nothing per head is cached."""
+
+    ckv: torch.Tensor
+    length: int
+
+
+class MultiHeadLatentAttention(SequenceLayer):
+    """Multi-head latent attention (DeepSeek-V2 MLA): K, V from a dc-wide latent plus a shared RoPE key;
+    absorbed decode over a cache of dc + dr values per token.
+
+    Per token h[D]: [c, k_r] = W_dkv h (dc + dr, one projection), k_h = [W_uk,h c, rope(k_r)],
+    v_h = W_uv,h c, q_h = [q_nope_h, rope(q_rope_h)] from W_q h (or W_uq W_dq h with q_latent);
+    o = W_o [softmax(q_h k_h^T / sqrt(dh + dr) + causal) v_h]_h. No bias and no latent RMSNorms (DeepSeek-V2
+    has them; they are per-token and change neither the cache size nor the decode algebra).
+
+    Prefill/forward (non-absorbed): q, k [B, H, T, dh + dr], v [B, H, T, dh] through SDPA. The qk head dim
+    differs from the v head dim: torch's flash backend needs them equal, so on CUDA fp16/bf16 v is zero-padded
+    to dh + dr and the output sliced (`sdpa-flash-vpad`); elsewhere, or if flash refuses, SDPA picks the
+    efficient or math backend, which take a differing v dim (`sdpa`).
+    Decode (absorbed): W_uk is folded into the query, q_abs_h = W_uk,h^T q_nope_h [dc], so the scores are
+    [q_abs_h, rope(q_rope_h)] . [c_p, rope(k_r,p)] read straight off the latent cache; the heads become H queries
+    of one shared key/value head ([B, 1, H, dc + dr] against [B, 1, n, dc + dr], values the first dc columns),
+    and W_uv is applied after the weighted sum: o_h = W_uv,h (sum_p a_hp c_p).
+
+    Cost model (FLOPs and bytes; el bytes per element, Wq = H*(dh+dr), S(T) = T(T+1)/2 causal pairs):
+    - projections per token: q: 2*D*Wq (or 2*D*dq + 2*dq*Wq), kv down: 2*D*(dc+dr), forward-only up
+      projections k, v: 4*dc*H*dh, output: 2*H*dh*D.
+    - fwd:  flops = B*T*proj + attn, attn = 2*B*H*S(T)*(dh+dr) + 2*B*H*S(T)*dh (QK^T and PV);
+            bytes = weights + 2*B*T*D*el + 2*B*T*el*(2*Wq + 2*H*dh + dc + dr) (q, k, v, o and the latent
+            written once and read once).
+    - bwd: 3 * fwd projection flops + 3.5 * attn; bytes 3 * fwd bytes (an estimate).
+    - decode at context seq (n = seq + 1 keys): flops = B*(q proj + 2*D*(dc+dr) + 4*H*dh*dc (absorb in and
+            out) + 2*H*dh*D) + 2*B*H*n*(dc+dr) + 2*B*H*n*dc;
+            bytes = weights + latent cache read B*n*(dc+dr)*el + its write B*(dc+dr)*el + 2*B*D*el.
+    """
+
+    kind = "softmax"
+    Options = MLAOptions
+    supports_cuda_graph = False  # the step takes a Python int position into the RoPE table
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, options: MLAOptions | None = None):
+        super().__init__(d_model, heads, head_dim, options)
+        opts = self.options
+        if opts.rope_dim % 2:
+            raise LayerConfigError("rope_dim", "must be even (RoPE rotates channel pairs)", opts.rope_dim,
+                                   "an even integer >= 0, e.g. 64")
+        self.kv_latent, self.rope_dim = opts.kv_latent, opts.rope_dim
+        H, dh, dc, dr = heads, head_dim, opts.kv_latent, opts.rope_dim
+        q_width = H * (dh + dr)
+        if opts.q_latent is None:
+            self.q_proj = nn.Linear(d_model, q_width, bias=False)
+        else:
+            self.q_proj = nn.Sequential(nn.Linear(d_model, opts.q_latent, bias=False),
+                                        nn.Linear(opts.q_latent, q_width, bias=False))
+        self.kv_down = nn.Linear(d_model, dc + dr, bias=False)  # [c, k_rope]
+        self.k_up = nn.Linear(dc, H * dh, bias=False)
+        self.v_up = nn.Linear(dc, H * dh, bias=False)
+        self.o_proj = nn.Linear(H * dh, d_model, bias=False)
+        self.scale = 1.0 / math.sqrt(dh + dr)
+        self._impl: str | None = None
+        self._flash_failed = False
+
+    # --- shared pieces -------------------------------------------------------------------------------
+    def _queries(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x[B, T, D] at positions start.. -> q_nope[B, H, T, dh], q_rope[B, H, T, dr] (rotated)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
+        return q_nope, self._rotate(q_rope, start)
+
+    def _latents(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x[B, T, D] -> ckv[B, T, dc + dr]: the latent c and the rotated shared RoPE key, as cached."""
+        ckv = self.kv_down(x)
+        c, k_rope = ckv.split([self.kv_latent, self.rope_dim], dim=-1)
+        return torch.cat([c, self._rotate(k_rope, start)], dim=-1)
+
+    def _rotate(self, t: torch.Tensor, start: int) -> torch.Tensor:
+        """RoPE on t[..., T, dr] for positions start..start+T-1."""
+        if self.rope_dim == 0:
+            return t
+        pos = torch.arange(start, start + t.shape[-2], device=t.device)
+        cos, sin = rope_cos_sin(pos, self.rope_dim, self.options.rope_theta, t.dtype)
+        return apply_rope(t, cos, sin)
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        """o[B, H, T, dh] -> y[B, T, D]."""
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    # --- forward (non-absorbed) ----------------------------------------------------------------------
+    def _full_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x[B, T, D] -> q, k [B, H, T, dh + dr], v [B, H, T, dh], ckv [B, T, dc + dr]."""
+        B, T, _ = x.shape
+        H, dh = self.heads, self.head_dim
+        q_nope, q_rope = self._queries(x, 0)
+        ckv = self._latents(x, 0)
+        c, k_rope = ckv.split([self.kv_latent, self.rope_dim], dim=-1)
+        k_nope = self.k_up(c).view(B, T, H, dh).transpose(1, 2)
+        v = self.v_up(c).view(B, T, H, dh).transpose(1, 2)
+        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, H, T, self.rope_dim)], dim=-1)
+        return torch.cat([q_nope, q_rope], dim=-1), k, v, ckv
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal SDPA with qk head dim dh + dr and v head dim dh -> o[B, H, T, dh]."""
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not self._flash_failed:
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    v_pad = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+                    o = F.scaled_dot_product_attention(q, k, v_pad, is_causal=True, scale=self.scale)
+                self._impl = "sdpa-flash-vpad"
+                return o[..., : v.shape[-1]]
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError:
+                self._flash_failed = True  # e.g. dh + dr > 256 or a pre-Ampere GPU
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        self._impl = "sdpa"
+        return o
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x[B, T, D] -> y[B, T, D]."""
+        q, k, v, _ = self._full_qkv(x)
+        return self._output(self._attend(q, k, v))
+
+    # --- decode (absorbed) ---------------------------------------------------------------------------
+    def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, LatentCache]:
+        """Run the prompt x[B, T, D] non-absorbed; return y[B, T, D] and a latent cache of `capacity` slots
+        (default T)."""
+        B, T, _ = x.shape
+        q, k, v, ckv = self._full_qkv(x)
+        y = self._output(self._attend(q, k, v))
+        cache = ckv.new_zeros(B, max(capacity or T, T), self.kv_latent + self.rope_dim)
+        with torch.no_grad():
+            cache[:, :T] = ckv
+        return y, LatentCache(cache, T)
+
+    @torch.no_grad()
+    def step(self, x_t: torch.Tensor, state: LatentCache) -> tuple[torch.Tensor, LatentCache]:
+        """Consume x_t[B, 1, D] in absorbed form; return y_t[B, 1, D] and the state one token longer.
+
+        Writes the new latent into slot `length` (beyond what the input state holds), growing a full cache into
+        a new copy, so repeating a call with the same state gives the same result.
+        """
+        B = x_t.shape[0]
+        H, dh, dc = self.heads, self.head_dim, self.kv_latent
+        cache, pos = state.ckv, state.length
+        if pos >= cache.shape[1]:
+            grown = cache.new_zeros(B, max(2 * cache.shape[1], MIN_GROWN_CAPACITY), cache.shape[2])
+            grown[:, : cache.shape[1]] = cache
+            cache = grown
+        cache[:, pos] = self._latents(x_t, pos)[:, 0]
+        q_nope, q_rope = self._queries(x_t, pos)  # [B, H, 1, dh], [B, H, 1, dr]
+        w_uk = self.k_up.weight.view(H, dh, dc)
+        q_abs = torch.einsum("bhd,hdc->bhc", q_nope[:, :, 0], w_uk)  # W_uk folded into the query
+        q_lat = torch.cat([q_abs, q_rope[:, :, 0]], dim=-1).unsqueeze(1)  # [B, 1, H, dc + dr]: H queries
+        kv = cache[:, : pos + 1].unsqueeze(1)  # [B, 1, n, dc + dr], one head shared by all query heads
+        ctx = F.scaled_dot_product_attention(q_lat, kv, kv[..., :dc], scale=self.scale)  # [B, 1, H, dc]
+        w_uv = self.v_up.weight.view(H, dh, dc)
+        o = torch.einsum("bhc,hdc->bhd", ctx[:, 0], w_uv)  # W_uv applied after the weighted sum
+        self._impl = "absorbed-sdpa"
+        return self._output(o.unsqueeze(2)), LatentCache(cache, pos + 1)
+
+    def state_bytes(self, batch: int, seq: int) -> int:
+        """batch * seq * (dc + dr) * el: the latent cache, shared by all heads."""
+        return batch * seq * (self.kv_latent + self.rope_dim) * self.element_size
+
+    def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Associative-memory probe (SequenceLayer.probe_memory): with identity projections the core of MLA is
+        softmax attention over every written key, softmax(q k^T / sqrt(dk)) V (the latent is the key and the
+        value; the decoupled RoPE part carries position only and is left out). keys[B, H, N, dk],
+        values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv] in float32 (float64 stays float64)."""
+        return softmax_read(keys, values, queries)
+
+    # --- cost model (see the class docstring) --------------------------------------------------------
+    def _q_proj_flops(self) -> int:
+        wq = self.heads * (self.head_dim + self.rope_dim)
+        dq = self.options.q_latent
+        return 2 * self.d_model * wq if dq is None else 2 * self.d_model * dq + 2 * dq * wq
+
+    def cost(self, mode: str, batch: int, seq: int) -> Cost:
+        B, T, D, H, dh = batch, seq, self.d_model, self.heads, self.head_dim
+        dc, dr = self.kv_latent, self.rope_dim
+        el, weights = self.element_size, self.weight_bytes()
+        wq = H * (dh + dr)
+        if mode in ("fwd", "bwd"):
+            pairs = T * (T + 1) // 2
+            proj = B * T * (self._q_proj_flops() + 2 * D * (dc + dr) + 4 * dc * H * dh + 2 * H * dh * D)
+            attn = 2 * B * H * pairs * (dh + dr) + 2 * B * H * pairs * dh
+            io_bytes = weights + 2 * B * T * D * el + 2 * B * T * el * (2 * wq + 2 * H * dh + dc + dr)
+            if mode == "fwd":
+                return Cost(float(proj + attn), float(io_bytes))
+            return Cost(float(3 * proj + 3.5 * attn), float(3 * io_bytes))
+        if mode == "decode":
+            n = seq + 1
+            proj = B * (self._q_proj_flops() + 2 * D * (dc + dr) + 4 * H * dh * dc + 2 * H * dh * D)
+            attn = 2 * B * H * n * (dc + dr) + 2 * B * H * n * dc
+            nbytes = weights + B * n * (dc + dr) * el + B * (dc + dr) * el + 2 * B * D * el
+            return Cost(float(proj + attn), float(nbytes))
+        raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
+
+    def implementation(self) -> str:
+        """`sdpa-flash-vpad` or `sdpa` (prefill/forward), `absorbed-sdpa` (decode): what the latest call ran;
+        before any call, what forward expects to run on the layer's device."""
+        if self._impl is not None:
+            return self._impl
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return "sdpa-flash-vpad"
+        return "sdpa"
