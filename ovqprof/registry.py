@@ -22,6 +22,11 @@ BUILTIN_LAYERS: dict[str, str] = {
     "softmax_attention": "ovqprof.layers.softmax_attention:SoftmaxAttention",
     "linear_attention": "ovqprof.layers.linear_attention:LinearAttention",
     "ovq": "ovqprof.layers.ovq:OVQAttention",
+    "gla": "ovqprof.layers.gla:GLA",
+    "mamba2": "ovqprof.layers.mamba2:Mamba2",
+    "delta_net": "ovqprof.layers.delta_net:DeltaNet",
+    "gated_delta_net": "ovqprof.layers.delta_net:GatedDeltaNet",
+    "retnet": "ovqprof.layers.retnet:RetNet",
     "mla": "ovqprof.layers.mla:MultiHeadLatentAttention",
     "bank_of_values": "ovqprof.layers.bank_of_values:BankOfValues",
 }
