@@ -29,6 +29,8 @@ BUILTIN_LAYERS: dict[str, str] = {
     "retnet": "ovqprof.layers.retnet:RetNet",
     "mla": "ovqprof.layers.mla:MultiHeadLatentAttention",
     "bank_of_values": "ovqprof.layers.bank_of_values:BankOfValues",
+    "cca": "ovqprof.layers.cca:CompressedConvAttention",
+    "ccgqa": "ovqprof.layers.cca:CompressedConvGQA",
 }
 
 
