@@ -150,6 +150,19 @@ class LinearAttention(SequenceLayer):
             o = o / ((q * z).sum(dim=-1, keepdim=True) + self.options.eps)
         return self._output(o.unsqueeze(2), x_t.dtype), LinearState(S, z)
 
+    @torch.no_grad()
+    def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Associative-memory probe (see SequenceLayer.probe_memory): S = sum_i phi(k_i) v_i^T and
+        z = sum_i phi(k_i) over the written pairs, read as phi(q)^T S (/ (phi(q)^T z + eps) if normalize).
+        keys[B, H, N, dk], values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv] in the
+        accumulation dtype."""
+        ad = self.accum_dtype
+        k, q, v = self._phi(keys.to(ad)), self._phi(queries.to(ad)), values.to(ad)
+        o = q @ (k.transpose(-1, -2) @ v)  # S [B, H, dk, dv] is the whole state
+        if self.options.normalize:
+            o = o / (q @ k.sum(dim=2).unsqueeze(-1) + self.options.eps)
+        return o
+
     def state_bytes(self, batch: int, seq: int) -> int:
         """batch * H * dk * (dv + 1 if normalize else dv) * accumulation bytes; independent of `seq`."""
         per_head = self.head_dim * (self.head_dim + (1 if self.options.normalize else 0))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
 from ovqprof.kernels.ovq.config import triton_unsupported
-from ovqprof.kernels.ovq.reference import advance, tail_buffer
+from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -190,6 +190,33 @@ class OVQAttention(SequenceLayer):
                               state.counts, state.active, state.buf_k, state.buf_v, state.buf_len,
                               self.config.normalize_centroids)
         return self._output(o.unsqueeze(2), x_t.dtype), advance(k, v, self.config, state)
+
+    @torch.no_grad()
+    def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Associative-memory probe (see SequenceLayer.probe_memory) through the PyTorch reference core.
+
+        Keys and queries are L2-normalised as the layer's projection does. The pairs are written by
+        `ovq_chunked` (the layer's own prefill path: floor(N/L) chunks merged into the dictionary, the N mod L
+        tail left in the buffer); each query then reads the final dictionary and buffer with the reference
+        `read`, the buffer rows entering as slots of count 1 (log 1 = 0, the same logit beta q.k as the local
+        part of a read), and is not written itself. beta: the layer's (default sqrt(head_dim)); a probe whose
+        dk or head count differs from the layer's uses options.beta or sqrt(dk).
+        keys[B, H, N, dk], values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv] in the math dtype.
+        """
+        ad = self.accum_dtype
+        k, q, v = F.normalize(keys.to(ad), dim=-1), F.normalize(queries.to(ad), dim=-1), values.to(ad)
+        B, H, _, dk = k.shape
+        if (H, dk) == (self.heads, self.head_dim):
+            beta = self._beta()
+        else:
+            beta = k.new_full((H,), self.options.beta if self.options.beta is not None else math.sqrt(dk))
+        _, state = ovq_chunked(k, k, v, beta, self.config)
+        n, j = state.active, state.buf_len
+        slots_k = torch.cat([centroid_keys(state.keys[:, :, :n], self.config), state.buf_k[:, :, :j]], dim=2)
+        slots_v = torch.cat([state.values[:, :, :n], state.buf_v[:, :, :j]], dim=2)
+        counts = torch.cat([state.counts[:, :, :n], state.counts.new_ones(B, H, j)], dim=2)
+        no_local_k, no_local_v = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, v.shape[-1])
+        return read(q, no_local_k, no_local_v, beta, slots_k, slots_v, counts)
 
     def state_bytes(self, batch: int, seq: int) -> int:
         """B * H * (N * (dk + dv + 1) + (L - 1) * (dk + dv)) * math bytes: dictionary, counts and buffer,

@@ -208,6 +208,16 @@ class SoftmaxAttention(SequenceLayer):
         self._impl = "sdpa"
         return self._output(o), KVCache(k_cache, v_cache, pos + 1)
 
+    @torch.no_grad()
+    def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Associative-memory probe (see SequenceLayer.probe_memory): the KV cache keeps every written pair,
+        or with a window only the last W, and a query reads softmax(q k^T / sqrt(dk)) V over them. kv_heads
+        play no part: every probe head has its own keys. keys[B, H, N, dk], values[B, H, N, dv],
+        queries[B, H, M, dk] -> reads[B, H, M, dv] in the input dtype."""
+        if self.window is not None:
+            keys, values = keys[:, :, -self.window:], values[:, :, -self.window:]
+        return F.scaled_dot_product_attention(queries, keys, values)  # default scale: 1/sqrt(dk)
+
     def state_bytes(self, batch: int, seq: int) -> int:
         """2 * batch * G * min(seq, W) * dh * el: the K and V cache after `seq` tokens."""
         kept = seq if self.window is None else min(seq, self.window)

@@ -279,6 +279,60 @@ def _load_run_spec(profile, seq, modes, batch, layers, device):
     return spec, _resolve_run_device(spec, device)
 
 
+@app.command()
+@user_errors
+def capacity(
+    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
+                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    method: str = typer.Option("probe", help="probe (training-free associative-memory probe) or mqar "
+                                  "(trained multi-query associative recall)."),
+    pairs: str | None = typer.Option(None, help="Stored pairs N, overriding capacity.probe.pairs: 16..16k "
+                                        "(powers of two), 64..4k:x2, 100,200 (k = 1024)."),
+    keys: str | None = typer.Option(None, help="Probe keys: gaussian or clustered."),
+    gap: int | None = typer.Option(None, help="Filler pairs written between the stored pairs and the reads."),
+    seeds: str | None = typer.Option(None, help="Comma list of seeds to average over, e.g. 0,1."),
+    dims: int | None = typer.Option(None, help="Key and value dimension dk = dv (default: each layer's "
+                                       "head_dim)."),
+    layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
+                                          "finish (default: stdout)."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Recall capacity: accuracy against stored pairs N, and capacity@tau, for every layer of a spec."""
+    from ovqprof.capacity.command import CapacityRequest, check_method, run_capacity, summary
+    from ovqprof.machine import machine_info
+
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    check_method(method)
+    spec, run_device = _load_run_spec(profile, None, None, None, layers, device)
+    request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
+                              format=format, output=output, show_progress=sys.stderr.isatty())
+    rows: list[dict] = []
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        run_capacity(spec, run_device, machine_info(run_device), request, rows,
+                     log=lambda text: err_console.print(text, markup=False))
+    except KeyboardInterrupt:
+        where = f" in {output}" if output else ""
+        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
+                    "were finished before the failure. Free space or choose another --output.",
+                    EXIT_INFRASTRUCTURE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text, failed = summary(rows)
+    if output is not None:
+        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
+    if failed:
+        err_console.print(f"[red]some rows failed[/] ({text}); see the status and note columns")
+        raise typer.Exit(EXIT_FAILED_ROWS)
+
+
 @app.command("baseline")
 @user_errors
 def baseline_cmd(
@@ -399,6 +453,23 @@ def check_cmd(
     colour = "red" if report.exit_code else "green"
     err_console.print(f"[bold {colour}]check {report.summary()}[/]")
     raise typer.Exit(report.exit_code)
+
+
+@app.command()
+@user_errors
+def report(
+    result_files: list[Path] = typer.Argument(..., help="Sweep and capacity result files (CSV or JSON, any "
+                                              "mix), e.g. from `sweep --format json --output FILE`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for report.md and its PNG plots "
+                                "(created when missing)."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Write a Markdown design-review report with PNG plots: throughput, decode latency, memory, state
+    bytes, recall vs pairs and capacity vs state bytes, each with a reading computed from the rows."""
+    from ovqprof.report import write_report
+
+    path = write_report(result_files, output)
+    err_console.print(f"wrote {path}", markup=False)
 
 
 @app.command()

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -113,6 +115,23 @@ def short_row(row: dict) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a writer shows: every column (CSV), the short table of the terminal and Markdown (`headers`,
+    one `cells(row)` string per header, headers in `left` aligned left) and the table titles."""
+
+    columns: tuple[str, ...]
+    headers: tuple[str, ...]
+    cells: Callable[[dict], list[str]]
+    left: frozenset[str]
+    title: str
+    md_title: str
+
+
+SWEEP_LAYOUT = Layout(COLUMNS, SHORT_HEADERS, short_row, frozenset({"layer", "impl", "mode", "status", "note"}),
+                      "ovqprof sweep", "ovqprof results")
+
+
 def _header_lines(header: dict) -> list[str]:
     keys = ("device", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile", "argv")
     lines = [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]
@@ -123,12 +142,14 @@ class RowWriter:
     """Writes rows in one format to `path` (or stdout when None). Use as a context manager."""
 
     def __init__(self, fmt: str, path: Path | None, header: dict, stdout: TextIO | None = None,
-                 existing_rows: list[dict] | None = None):
-        """`existing_rows`: rows already in `path` (resuming); new rows are appended after them."""
+                 existing_rows: list[dict] | None = None, layout: Layout = SWEEP_LAYOUT):
+        """`existing_rows`: rows already in `path` (resuming); new rows are appended after them. `layout`:
+        the columns and short table (default: the sweep's)."""
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r} is not known. Allowed: {', '.join(FORMATS)}")
         self.fmt = fmt
         self.path = path
+        self.layout = layout
         self.header = header
         self.rows: list[dict] = list(existing_rows or [])
         self._appending = bool(existing_rows) and path is not None
@@ -147,14 +168,15 @@ class RowWriter:
     def open(self) -> None:
         if self.fmt == "csv":
             self._stream = self._open_stream()
-            self._csv = csv.DictWriter(self._stream, fieldnames=list(COLUMNS), lineterminator="\n")
+            self._csv = csv.DictWriter(self._stream, fieldnames=list(self.layout.columns), lineterminator="\n")
             if not self._appending:
                 self._csv.writeheader()
             self._stream.flush()
         elif self.fmt == "md":
             self._stream = self._open_stream()
-            lines = ["# ovqprof results", "", *_header_lines(self.header), "",
-                     "| " + " | ".join(SHORT_HEADERS) + " |", "|" + "---|" * len(SHORT_HEADERS)]
+            headers = self.layout.headers
+            lines = [f"# {self.layout.md_title}", "", *_header_lines(self.header), "",
+                     "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
         elif self.path is not None:
@@ -164,11 +186,11 @@ class RowWriter:
         self.rows.append(row)
         if self.fmt == "csv":
             assert self._csv is not None and self._stream is not None
-            self._csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+            self._csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.layout.columns})
             self._stream.flush()
         elif self.fmt == "md":
             assert self._stream is not None
-            cells = [c.replace("|", "\\|") for c in short_row(row)]
+            cells = [c.replace("|", "\\|") for c in self.layout.cells(row)]
             self._stream.write("| " + " | ".join(cells) + " |\n")
             self._stream.flush()
         elif self.path is not None:
@@ -197,9 +219,10 @@ class RowWriter:
         return json_document(self.header, self.rows)
 
     def table_text(self) -> str:
-        return tabulate([short_row(r) for r in self.rows], headers=list(SHORT_HEADERS), tablefmt="simple",
-                        disable_numparse=True, colalign=["left"] * 3 + ["right"] * 2 + ["left"] +
-                        ["right"] * 9 + ["left"])
+        headers = self.layout.headers
+        return tabulate([self.layout.cells(r) for r in self.rows], headers=list(headers), tablefmt="simple",
+                        disable_numparse=True,
+                        colalign=["left" if h in self.layout.left else "right" for h in headers])
 
     def _rewrite(self) -> None:
         """Write the whole document to a temporary file and rename it over the target (atomic)."""
@@ -217,13 +240,12 @@ class RowWriter:
         from rich.table import Table
 
         console = Console(file=self.stdout)
-        table = Table(title=f"ovqprof sweep: {self.header.get('device')}", title_justify="left")
-        for col in SHORT_HEADERS:
-            table.add_column(col, justify="right" if col not in ("layer", "impl", "mode", "status", "note")
-                             else "left", overflow="fold")
+        table = Table(title=f"{self.layout.title}: {self.header.get('device')}", title_justify="left")
+        for col in self.layout.headers:
+            table.add_column(col, justify="left" if col in self.layout.left else "right", overflow="fold")
         for line in self.header.get("notes", []):
             table.caption = (table.caption + "; " if table.caption else "note: ") + line
         for row in self.rows:
             style = None if row.get("status") == "ok" else "red"
-            table.add_row(*short_row(row), style=style)
+            table.add_row(*self.layout.cells(row), style=style)
         console.print(table)

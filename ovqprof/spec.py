@@ -30,6 +30,7 @@ from typing_extensions import Self
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from ovqprof import registry
+from ovqprof.capacity.settings import ProbeSettings
 from ovqprof.errors import SpecError, UsageError
 from ovqprof.layers.base import MODES, LayerConfigError
 from ovqprof.ranges import SEQ_RANGE_FORMS, RangeError, parse_seq_value
@@ -38,7 +39,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["float32", "float64", "float16", "bfloat16"]
 ModeName = Literal["fwd", "bwd", "decode"]
-TOP_KEYS = ("name", "description", "defaults", "layers", "sweep")
+TOP_KEYS = ("name", "description", "defaults", "layers", "sweep", "capacity")
+CAPACITY_KEYS = ("probe", "mqar")
 # Keys of a layer entry that are not type-specific options.
 LAYER_KEYS = ("name", "type", "d_model", "heads", "head_dim", "dtype")
 DEFAULT_SEQ = "1k..8k"
@@ -113,6 +115,16 @@ class SweepSpec(_Frozen):
         return tuple(sorted(set(values)))
 
 
+class CapacitySpec(_Frozen):
+    """The optional `capacity:` section: probe settings (validated here) and the MQAR mapping as written
+    (validated by `ovqprof.capacity.mqar.MQARSettings` when `capacity --method mqar` runs; `mqar_lines`
+    holds the line of each of its keys, and of the section itself under "", for messages)."""
+
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    mqar: dict[str, Any] | None = None
+    mqar_lines: dict[str, int] = Field(default_factory=dict)
+
+
 class Spec(_Frozen):
     """A validated spec; `file` is where it came from (for messages)."""
 
@@ -122,6 +134,7 @@ class Spec(_Frozen):
     defaults: Defaults
     layers: tuple[LayerSpec, ...] = Field(min_length=1)
     sweep: SweepSpec
+    capacity: CapacitySpec = Field(default_factory=CapacitySpec)
 
 
 # --- YAML with line numbers --------------------------------------------------------------------------------
@@ -296,6 +309,22 @@ def _sweep(doc: _Doc, raw: Any, defaults: Defaults) -> SweepSpec:
     return _validate(doc, SweepSpec, data, ("sweep",), raw)
 
 
+def _capacity(doc: _Doc, raw: Any) -> CapacitySpec:
+    """The `capacity:` section: `probe:` validated as ProbeSettings, `mqar:` kept as a raw mapping."""
+    if raw is None:
+        return CapacitySpec()
+    raw = _mapping_at(doc, raw, ("capacity",), CAPACITY_KEYS)
+    probe_raw = {} if raw.get("probe") is None else raw["probe"]
+    probe_raw = _mapping_at(doc, probe_raw, ("capacity", "probe"), tuple(ProbeSettings.model_fields))
+    probe = _validate(doc, ProbeSettings, probe_raw, ("capacity", "probe"), probe_raw)
+    mqar = raw.get("mqar")
+    if mqar is not None and not isinstance(mqar, dict):
+        raise doc.error("must be a mapping", ("capacity", "mqar"), mqar, allowed="the MQAR settings (see README)")
+    lines = {} if mqar is None else {"": doc.line_of(("capacity", "mqar")),
+                                     **{key: doc.line_of(("capacity", "mqar", key)) for key in mqar}}
+    return CapacitySpec(probe=probe, mqar=mqar, mqar_lines=lines)
+
+
 def _init_params(cls: type) -> str:
     try:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # [1:]: drop self
@@ -374,8 +403,9 @@ def load_spec_text(text: str, file: str = "<string>") -> Spec:
                 raise doc.error(f"duplicate layer name {layer.name!r} (first at line {doc.line_of(('layers', j))})",
                                 ("layers", i, "name"), allowed="names unique within the spec", show_value=False)
         layers.append(layer)
+    capacity = _capacity(doc, raw.get("capacity"))
     return Spec(file=file, name=name, description=description, defaults=defaults, layers=tuple(layers),
-                sweep=sweep)
+                sweep=sweep, capacity=capacity)
 
 
 def load_spec(path: str | Path) -> Spec:

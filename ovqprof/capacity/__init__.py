@@ -1,0 +1,1 @@
+"""Recall capacity: the training-free associative-memory probe and the trained MQAR benchmark."""

@@ -1,0 +1,149 @@
+"""`ovqprof capacity`: settings from the spec and the flags, the chosen method, rows to a writer.
+
+The CLI function only parses flags and maps interrupts and write failures to exit codes; everything else
+(validating the flags against the spec's `capacity:` section, the JSON header, running the probe or MQAR,
+the summary) is here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from ovqprof.capacity.rows import FAILED_STATUSES, METHODS, STATUSES, layout
+from ovqprof.capacity.settings import KEY_KINDS, PAIRS_FORMS, ProbeSettings
+from ovqprof.errors import SpecError, UsageError
+from ovqprof.output import RowWriter, check_output_writable
+from ovqprof.ranges import RangeError, parse_seq_range
+from ovqprof.spec import Spec
+
+
+@dataclass(frozen=True)
+class CapacityRequest:
+    """The command line's choices; None means "as the spec says"."""
+
+    method: str = "probe"
+    pairs: str | None = None
+    keys: str | None = None
+    gap: int | None = None
+    seeds: str | None = None
+    dims: int | None = None
+    format: str = "table"
+    output: Path | None = None
+    show_progress: bool = False
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r} is not known. Allowed: {', '.join(METHODS)}")
+
+
+def probe_settings(spec: Spec, request: CapacityRequest) -> ProbeSettings:
+    """The spec's `capacity.probe` settings with the flags applied; UsageError names a bad flag."""
+    changes: dict = {}
+    if request.pairs is not None:
+        try:
+            changes["pairs"] = parse_seq_range(request.pairs)
+        except RangeError as exc:
+            raise UsageError(f"--pairs {request.pairs!r} is not valid: {exc.reason}. Allowed: {PAIRS_FORMS}") \
+                from None
+    if request.keys is not None:
+        if request.keys not in KEY_KINDS:
+            raise UsageError(f"--keys {request.keys!r} is not known. Allowed: {', '.join(KEY_KINDS)}")
+        changes["keys"] = request.keys
+    if request.gap is not None:
+        if request.gap < 0:
+            raise UsageError(f"--gap {request.gap} is not valid. Allowed: an integer >= 0 (filler pairs)")
+        changes["gap"] = request.gap
+    if request.seeds is not None:
+        try:
+            seeds = [int(s) for s in request.seeds.split(",") if s.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            raise UsageError(f"--seeds {request.seeds!r} is not valid. Allowed: a comma list of integers, e.g. 0,1")
+        changes["seeds"] = seeds
+    if request.dims is not None:
+        if request.dims < 1:
+            raise UsageError(f"--dims {request.dims} is not valid. Allowed: an integer >= 1 (dk = dv)")
+        changes["dims"] = request.dims
+    return spec.capacity.probe.replace(**changes)
+
+
+def mqar_settings(spec: Spec, request: CapacityRequest):
+    """The spec's `capacity.mqar` mapping validated by MQARSettings (SpecError at its line when invalid)."""
+    given = [flag for flag, value in (("--pairs", request.pairs), ("--keys", request.keys), ("--gap", request.gap),
+                                      ("--seeds", request.seeds), ("--dims", request.dims)) if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} set(s) the probe; --method mqar takes its settings from the spec's "
+                         "capacity.mqar section. Allowed: these flags with --method probe only")
+    try:
+        from ovqprof.capacity.mqar import MQARSettings
+    except ImportError as exc:
+        raise UsageError(f"--method mqar is not available: {exc}. Allowed: --method probe") from None
+    raw = spec.capacity.mqar or {}
+    try:
+        return MQARSettings.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(part) for part in err["loc"]]
+        lines = spec.capacity.mqar_lines
+        field = ".".join(["capacity", "mqar", *loc])
+        value = err.get("input") if loc and isinstance(raw, dict) and loc[0] in raw else None
+        allowed = ", ".join(MQARSettings.model_fields) if err["type"] == "extra_forbidden" else None
+        raise SpecError(err["msg"][:1].lower() + err["msg"][1:], file=spec.file,
+                        line=lines.get(loc[0] if loc else "", lines.get("")), field=field, value=value,
+                        allowed=allowed) from None
+
+
+def capacity_header(header: dict, spec: Spec, method: str, settings: object) -> dict:
+    """The JSON header: machine_info plus the run's date, profile, method, settings and layer specs."""
+    header = dict(header)
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
+                  method=method)
+    header["settings"] = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
+    header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
+    return header
+
+
+def run_capacity(spec: Spec, device: torch.device, header: dict, request: CapacityRequest, rows: list[dict],
+                 log: Callable[[str], None]) -> None:
+    """Run the request's method over the spec's layers, writing each row as it is handed over and
+    appending it to `rows` (so an interrupted run still knows what it kept). Raises UsageError/SpecError
+    for bad settings before anything runs; KeyboardInterrupt and OSError propagate after the writer closed."""
+    check_method(request.method)
+    settings = probe_settings(spec, request) if request.method == "probe" else mqar_settings(spec, request)
+    if request.output is not None:
+        check_output_writable(request.output)
+    header = capacity_header(header, spec, request.method, settings)
+    writer = RowWriter(request.format, request.output, header, layout=layout())
+
+    def on_row(row: dict) -> None:
+        writer.write(row)
+        rows.append(row)
+
+    with writer:
+        if request.method == "probe":
+            from ovqprof.capacity.probe import run_probe
+
+            def on_start(layer: str, pairs: int) -> None:
+                if request.show_progress:
+                    log(f"probe {layer}: pairs={pairs}")
+
+            run_probe(list(spec.layers), settings, device, on_row, on_start)
+        else:
+            from ovqprof.capacity.mqar import run_mqar
+
+            run_mqar(list(spec.layers), settings, device, on_row, request.show_progress)
+
+
+def summary(rows: list[dict]) -> tuple[str, bool]:
+    """("3 ok, 1 skipped", whether any row failed)."""
+    counts = {s: sum(r.get("status") == s for r in rows) for s in STATUSES}
+    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
+    return text, any(r.get("status") in FAILED_STATUSES for r in rows)
