@@ -104,10 +104,11 @@ class TransformerVQ(SequenceLayer):
         B, _, T, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
-    def _quantise(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k[B, H, T, dh] -> (quantised keys [B, H, T, dh] with the straight-through gradient, codes[B, H, T])."""
+    def _quantise(self, k: torch.Tensor, codebook: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k[B, H, T, dh] -> (quantised keys [B, H, T, dh] with the straight-through gradient, codes[B, H, T]);
+        `codebook` [H, S, dh] defaults to the layer's."""
         acc = self._acc_dtype(k.dtype)
-        C = self.codebook.to(k.dtype)
+        C = (self.codebook if codebook is None else codebook).to(k.dtype)
         Cf, kf = C.detach().to(acc), k.detach().to(acc)
         # ||k - c||^2 without the ||k||^2 term, which does not change the argmin
         dist = (Cf * Cf).sum(-1)[:, None, :] - 2.0 * (kf @ Cf.transpose(-1, -2))
@@ -124,7 +125,8 @@ class TransformerVQ(SequenceLayer):
         return counts, sums
 
     def _attend(self, q: torch.Tensor, counts: torch.Tensor | None, sums: torch.Tensor | None,
-                k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                codebook: torch.Tensor | None = None) -> torch.Tensor:
         """One softmax over [cache codes, block keys]: q[B, H, M, dk], cache counts[B, H, S], sums[B, H, S, dv]
         (None: empty cache), block keys k[B, H, N, dk], values v[B, H, N, dv], mask[M, N] (True = visible) or
         None -> o[B, H, M, dv] in q's dtype."""
@@ -136,7 +138,7 @@ class TransformerVQ(SequenceLayer):
         if counts is None:
             p = torch.softmax(scores, dim=-1)
             return (p.to(v.dtype) @ v).to(q.dtype)
-        C = self.codebook.to(acc)
+        C = (self.codebook if codebook is None else codebook).to(acc)
         code_scores = (q.to(acc) @ C.transpose(-1, -2)) * scale + torch.log(counts).unsqueeze(-2)  # log 0 = -inf
         p = torch.softmax(torch.cat([code_scores, scores], dim=-1), dim=-1)
         S = counts.shape[-1]
@@ -237,19 +239,24 @@ class TransformerVQ(SequenceLayer):
 
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Associative-memory probe (see SequenceLayer.probe_memory): the keys are quantised with the layer's
-        own codebook (untrained in a fresh layer: random codes, so random keys are written coarsely) and written
+        own codebook (untrained in a fresh layer: random codes, so random keys are written coarsely; where dk
+        differs from head_dim, a fresh codebook [H, S, dk] drawn with the same init from seed 0) and written
         block by block, blocks leaving the two-block window folded into the per-code counts and value sums;
         each query then reads the state after the last write through the one softmax over [codes with
         log-count bias, previous block, current block], scale 1/sqrt(dk).
         keys[B, H, N, dk], values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv] in the
         accumulation dtype (float32 for fp16/bf16)."""
-        if keys.shape[1] != self.heads or keys.shape[-1] != self.head_dim:
-            raise ValueError(f"probe keys must be [B, {self.heads}, N, {self.head_dim}] (heads and head_dim "
-                             f"of the codebook); got {list(keys.shape)}")
+        if keys.shape[1] != self.heads:
+            raise ValueError(f"probe keys must have the layer's {self.heads} heads; got {list(keys.shape)}")
         acc = self._acc_dtype(self.dtype)
         keys, values, queries = keys.to(acc), values.to(acc), queries.to(acc)
+        codebook = self.codebook
+        if keys.shape[-1] != self.head_dim:
+            gen = torch.Generator().manual_seed(0)
+            codebook = torch.randn(self.heads, self.codebook_size, keys.shape[-1], generator=gen) / math.sqrt(3.0)
+        codebook = codebook.detach().to(device=keys.device, dtype=acc)
         with torch.no_grad():
-            kh, codes = self._quantise(keys)
+            kh, codes = self._quantise(keys, codebook)
             _, counts, sums = self._scan(None, kh, codes, values)
             state = self._state(kh, values, counts, sums)
             N, L = keys.shape[2], self.block_size
@@ -257,7 +264,8 @@ class TransformerVQ(SequenceLayer):
             r = N - b * L
             block_k = torch.cat([state.prev_k, state.cur_k[:, :, :r]], dim=2) if b >= 1 else state.cur_k[:, :, :r]
             block_v = torch.cat([state.prev_v, state.cur_v[:, :, :r]], dim=2) if b >= 1 else state.cur_v[:, :, :r]
-            return self._attend(queries, state.counts if b >= 2 else None, state.sums, block_k, block_v, None)
+            return self._attend(queries, state.counts if b >= 2 else None, state.sums, block_k, block_v, None,
+                                codebook)
 
     def state_bytes(self, batch: int, seq: int) -> int:
         """batch * H * (S (dv + 1) * ea + 2L (dk + dv) * el), whatever `seq`: cache counts and value sums in

@@ -33,6 +33,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on shared cores (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(cls, dtype=torch.float64, **opts):
     torch.manual_seed(0)
     return cls(D, H, DH, cls.Options(**opts)).to(dtype)
@@ -283,8 +292,12 @@ def test_transformer_vq_probe_reads_the_written_pairs():
         layer.codebook[:, :30] = keys[0]
     assert_close_rel(layer.probe_memory(keys, values, queries), exact)
     assert rel_rms_error(random_reads, exact) > 1e-2  # an untrained codebook writes random keys coarsely
+    # dk other than head_dim: a fresh codebook of that width, reads still of the written values' width
+    other = layer.probe_memory(keys[..., :3], values, queries[..., :3])
+    assert other.shape == (1, H, 9, 5) and torch.isfinite(other).all()
+    assert layer.probe_memory(keys.bfloat16(), values.bfloat16(), queries.bfloat16()).dtype == torch.float64
     with pytest.raises(ValueError):
-        layer.probe_memory(keys[..., :3], values, queries[..., :3])
+        layer.probe_memory(keys[:, :2], values[:, :2], queries[:, :2])
 
 
 # --- MKA and FastMKA against attention on one level -----------------------------------------------------
