@@ -73,7 +73,8 @@ class GLA(RecurrentLayer):
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """S <- probe_decay * S + k v^T per pair (every channel decays alike: the gate at a fixed value instead
         of its data-dependent one), read q^T S. With probe_decay = 1 this is plain linear attention."""
-        return self._probe_decay(keys, values, queries, torch.tensor(math.log(self.options.probe_decay)))
+        log_decay = torch.tensor(math.log(self.options.probe_decay), dtype=torch.float64)
+        return self._probe_decay(keys, values, queries, log_decay)
 
     def _mix_flops_per_token(self, C: int) -> float:
         return 2 * C * self.dk + 2 * C * self.dv + 4 * self.dk * self.dv

@@ -91,7 +91,8 @@ class Mamba2(RecurrentLayer):
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """S <- probe_decay * S + B v^T with B = key, dt = 1 (v = value), read C^T S with C = query: the SSD
         core with its decay held at a fixed value instead of exp(dt*A); no conv, no D skip."""
-        return self._probe_decay(keys, values, queries, torch.tensor(math.log(self.options.probe_decay)))
+        log_decay = torch.tensor(math.log(self.options.probe_decay), dtype=torch.float64)
+        return self._probe_decay(keys, values, queries, log_decay)
 
     def _mix_flops_per_token(self, C: int) -> float:
         return 2 * C * self.dk + 2 * C * self.dv + 4 * self.dk * self.dv
