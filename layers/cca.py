@@ -130,7 +130,7 @@ class CompressedConvAttention(SequenceLayer):
         r_q = (q_heads + k_raw.view(B, T, G, 1, dh).expand(B, T, G, Hl // G, dh).reshape(B, T, Hl, dh)) / 2
         r_k = r_q.view(B, T, G, Hl // G, dh).mean(dim=3)
         seq = torch.cat([tail, torch.cat([q_raw, k_raw], dim=-1).transpose(1, 2)], dim=-1)  # [B, Cqk, L + T]
-        mixed = self.conv_head(self.conv_time(seq)).transpose(1, 2)  # [B, T, Cqk]
+        mixed = self._conv_head(self._conv_time(seq)).transpose(1, 2)  # [B, T, Cqk]
         q = mixed[..., : Hl * dh].reshape(B, T, Hl, dh) + r_q
         k = mixed[..., Hl * dh:].reshape(B, T, G, dh) + r_k
         scale = math.sqrt(dh)
@@ -143,6 +143,31 @@ class CompressedConvAttention(SequenceLayer):
             cos, sin = rope_cos_sin(pos, dh - dh % 2, self.options.rope_theta, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, seq[..., seq.shape[-1] - self.tail:]
+
+    def _conv_time(self, seq: torch.Tensor) -> torch.Tensor:
+        """Depthwise valid conv of seq[B, Cqk, n] -> [B, Cqk, n - kernel_size + 1], as F.conv1d with the
+        weights of `conv_time`, written as a loop over the few taps (CPU oneDNN convs of this shape cost
+        milliseconds per call and a second on first use; the taps are elementwise)."""
+        w, K = self.conv_time.weight[:, 0], self.conv_time.kernel_size[0]  # w[Cqk, K]
+        n = seq.shape[-1] - K + 1
+        out = self.conv_time.bias[:, None] + w[:, 0, None] * seq[..., :n]
+        for j in range(1, K):
+            out = out + w[:, j, None] * seq[..., j:j + n]
+        return out
+
+    def _conv_head(self, seq: torch.Tensor) -> torch.Tensor:
+        """Grouped valid conv (one group per q or k head, mixing its dh channels) of seq[B, Cqk, n] ->
+        [B, Cqk, n - channel_kernel_size + 1], as F.conv1d with the weights of `conv_head`, one batched
+        matmul per tap."""
+        B, c, _ = seq.shape
+        groups, dh, K = self.latent_heads + self.kv_heads, self.head_dim, self.conv_head.kernel_size[0]
+        n = seq.shape[-1] - K + 1
+        w = self.conv_head.weight.view(groups, dh, dh, K)  # [group, out, in, tap]
+        x = seq.view(B, groups, dh, -1)
+        out = self.conv_head.bias.view(1, groups, dh, 1)
+        for j in range(K):
+            out = out + torch.einsum("goi,bgit->bgot", w[..., j], x[..., j:j + n])
+        return out.reshape(B, c, n)
 
     def _v(self, x: torch.Tensor, v_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x[B, T, D] after the previous token's shifted projection v_prev[B, G*dh//2] -> v[B, G, T, dh] and
