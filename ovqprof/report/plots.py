@@ -1,0 +1,138 @@
+"""PNG plots for the report, drawn with matplotlib's object API on the Agg canvas (no pyplot, no display).
+
+Each function takes series ({label: {x: y}}) and a path, writes one PNG at DPI and returns the path. Colours
+and markers follow the label, so a layer looks the same in every plot of a report.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from ovqprof.report.readings import ParetoPoint, pareto_front
+from ovqprof.report.series import Series
+
+DPI = 100
+PANEL_SIZE = (5.2, 4.0)  # inches per panel
+LEGEND_COLUMNS = 5
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def style(label: str, order: list[str]) -> dict:
+    """Colour and marker of a label: by its place in `order` (all labels of the report, sorted)."""
+    i = order.index(label) if label in order else zlib.crc32(label.encode())
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[(i // len(COLOURS) + i) % len(MARKERS)]}
+
+
+def _bytes_tick(value: float, _pos: object) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} B"
+
+
+def _figure(panels: int, width: float = PANEL_SIZE[0]) -> tuple[Figure, list]:
+    fig = Figure(figsize=(max(width * panels, 7.0), PANEL_SIZE[1]), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _lines(ax, series: Series, order: list[str]) -> None:
+    for label, points in series.items():
+        xs = list(points)
+        ax.plot(xs, [points[x] for x in xs], label=label, linewidth=1.6, markersize=5, **style(label, order))
+
+
+def _shared_legend(fig: Figure, axes: list) -> None:
+    """One legend under the panels (never over the lines), each label once."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", fontsize=8,
+               ncols=min(LEGEND_COLUMNS, len(seen)), frameon=False)
+
+
+def _finish(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def _seq_axis(ax, series: Series, log: bool = True) -> None:
+    xs = sorted({x for points in series.values() for x in points})
+    if log:
+        ax.set_xscale("log", base=2)
+    if xs and len(xs) <= 12:
+        ax.set_xticks(xs, [f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x) for x in xs])
+        ax.minorticks_off()
+
+
+def lines_by_panel(panels: dict[str, Series], path: Path, order: list[str], *, xlabel: str, ylabel: str,
+                   title: str, ylog: bool = True, ybytes: bool = False) -> Path:
+    """One panel per key of `panels` (e.g. per mode), one line per series, log-log by default."""
+    fig, axes = _figure(len(panels))
+    for ax, (name, series) in zip(axes, panels.items(), strict=True):
+        values = [y for points in series.values() for y in points.values() if y > 0]
+        # bytes on a log axis spanning less than 4x get too few ticks: plot them linear, in MiB, then
+        linear_mib = ybytes and (not ylog or not values or max(values) < 4 * min(values))
+        if linear_mib:
+            series = {label: {x: y / 2**20 for x, y in points.items()} for label, points in series.items()}
+        _lines(ax, series, order)
+        _seq_axis(ax, series)
+        if ylog and not linear_mib:
+            ax.set_yscale("log", base=2 if ybytes else 10)
+        if ybytes and not linear_mib:
+            ax.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{ylabel}, MiB" if linear_mib else ylabel)
+        ax.set_title(f"{title}: {name}" if name else title)
+        ax.grid(True, which="both", alpha=0.3)
+    _shared_legend(fig, axes)
+    return _finish(fig, path)
+
+
+def recall_plot(acc: Series, taus: list[float], path: Path, order: list[str]) -> Path:
+    fig, (ax,) = _figure(1)
+    _lines(ax, acc, order)
+    ax.set_xscale("log", base=2)
+    for tau in sorted(set(taus)):
+        ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("stored key-value pairs")
+    ax.set_ylabel("recall accuracy")
+    ax.set_title("Recall vs pairs")
+    ax.grid(True, which="both", alpha=0.3)
+    _shared_legend(fig, [ax])
+    return _finish(fig, path)
+
+
+def pareto_plot(points: list[ParetoPoint], tau: float, path: Path, order: list[str]) -> Path:
+    fig, (ax,) = _figure(1)
+    front = pareto_front(points)
+    for p in points:
+        s = style(p.label, order)
+        on = p in front
+        ax.scatter([p.state_bytes], [p.capacity], s=80 if on else 40, color=s["color"], marker=s["marker"],
+                   edgecolors="black" if on else "none", linewidths=1.5, zorder=3, label=p.label)
+        ax.annotate(p.label, (p.state_bytes, p.capacity), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if front:  # staircase: the most capacity reachable with at most this much state
+        xs = [p.state_bytes for p in front]
+        ys = [p.capacity for p in front]
+        ax.step(xs, ys, where="post", color="black", linewidth=1, linestyle=":", label="Pareto front", zorder=2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(_bytes_tick))
+    ax.margins(0.15)
+    ax.set_xlabel("state bytes")
+    ax.set_ylabel(f"capacity (pairs at accuracy >= {tau:g})")
+    ax.set_title("Capacity vs state bytes (front: black edges)")
+    ax.grid(True, which="both", alpha=0.3)
+    _shared_legend(fig, [ax])
+    return _finish(fig, path)
