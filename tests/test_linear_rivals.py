@@ -194,6 +194,88 @@ def test_causal_conv_streams_like_the_full_sequence():
     assert torch.allclose(torch.cat(outs, 1), full) and torch.equal(state, tail)
 
 
+# --- layers against their definitions, token by token ------------------------------------------------------
+def _rms(x, w, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _conv_naive(x, weight, bias):
+    """y_t = sum_i w[:, i] x_{t-K+1+i} (zeros before the start) + bias, x [B, T, Ch]."""
+    K = weight.shape[1]
+    y = torch.zeros_like(x) + (0 if bias is None else bias)
+    for t in range(x.shape[1]):
+        for i in range(K):
+            if t - K + 1 + i >= 0:
+                y[:, t] += weight[:, i] * x[:, t - K + 1 + i]
+    return y
+
+
+def naive_layer(layer, x):
+    """Each layer's docstring definition, one token at a time, from the layer's own weights."""
+    Bx, T, _ = x.shape
+    Hn, dh, eps = layer.heads, layer.head_dim, layer.options.norm_eps
+
+    def split(t, w):
+        return t.view(Bx, T, Hn, w)
+
+    if isinstance(layer, Mamba2):
+        N, inner = layer.options.state_size, Hn * dh
+        z, xbc, dt = layer.in_proj(x).split([inner, inner + 2 * N, Hn], dim=-1)
+        xs, Bm, Cm = F.silu(_conv_naive(xbc, layer.conv_weight, layer.conv_bias)).split([inner, N, N], dim=-1)
+        dt = F.softplus(dt + layer.dt_bias)  # [B, T, H]
+        A = -layer.A_log.exp()
+        xs = split(xs, dh)
+        S = torch.zeros(Bx, Hn, N, dh, dtype=x.dtype)
+        ys = []
+        for t in range(T):
+            S = (dt[:, t] * A).exp()[..., None, None] * S + Bm[:, t, None, :, None] * (dt[:, t, :, None] * xs[:, t])[:, :, None]
+            ys.append(torch.einsum("bn,bhnp->bhp", Cm[:, t], S) + layer.D[:, None] * xs[:, t])
+        y = torch.stack(ys, 1).reshape(Bx, T, inner)
+        return layer.out_proj(_rms(y * F.silu(z), layer.norm_weight, eps))
+    if isinstance(layer, DeltaNet):
+        qkv = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
+        q, k, v = (split(t, dh) for t in F.silu(_conv_naive(qkv, layer.conv_weight, None)).chunk(3, dim=-1))
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+        beta = torch.sigmoid(layer.b_proj(x))
+        alpha = torch.ones_like(beta)
+        if layer.gated:
+            alpha = torch.exp(-layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias))
+        S = torch.zeros(Bx, Hn, dh, dh, dtype=x.dtype)  # [dv, dk], the task's layout
+        eye = torch.eye(dh, dtype=x.dtype)
+        outs = []
+        for t in range(T):
+            kt = k[:, t]
+            decay = alpha[:, t, :, None, None] * (eye - beta[:, t, :, None, None] * kt[..., :, None] * kt[..., None, :])
+            S = S @ decay + beta[:, t, :, None, None] * v[:, t, ..., :, None] * kt[..., None, :]
+            outs.append(dh ** -0.5 * (S @ q[:, t, ..., None]).squeeze(-1))
+        o = _rms(torch.stack(outs, 1), layer.norm_weight, eps).reshape(Bx, T, Hn * dh)
+        if layer.gated:
+            o = o * F.silu(layer.g_proj(x))
+        return layer.out_proj(o)
+    # GLA and RetNet: S_t = diag(alpha_t) S_{t-1} + k v^T, swish-gated RMSNorm output
+    q, k, v = (split(p(x), dh) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    if isinstance(layer, GLA):
+        alpha = torch.sigmoid(split(layer.gate_up(layer.gate_down(x)), dh)) ** (1 / layer.options.gate_logit_normalizer)
+    else:
+        gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(Hn)], dtype=x.dtype)
+        alpha = gamma[None, None, :, None].expand(Bx, T, Hn, dh)
+    S = torch.zeros(Bx, Hn, dh, dh, dtype=x.dtype)
+    outs = []
+    for t in range(T):
+        S = alpha[:, t, ..., None] * S + k[:, t, ..., :, None] * v[:, t, ..., None, :]
+        outs.append(dh ** -0.5 * (q[:, t, ..., None, :] @ S).squeeze(-2))
+    o = _rms(torch.stack(outs, 1), layer.norm_weight, eps).reshape(Bx, T, Hn * dh)
+    return layer.out_proj(o * F.silu(layer.g_proj(x)))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_layer_forward_matches_its_definition(name):
+    layer = make(name)
+    x = rand(B, 19, D)
+    with torch.no_grad():
+        assert_close_rel(layer(x), naive_layer(layer, x))
+
+
 # --- layers: decode against forward -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
