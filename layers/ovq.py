@@ -18,7 +18,7 @@ from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
 from ovqprof.kernels.ovq.config import triton_unsupported
-from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer
+from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer, write
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -195,11 +195,12 @@ class OVQAttention(SequenceLayer):
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Associative-memory probe (see SequenceLayer.probe_memory) through the PyTorch reference core.
 
-        Keys and queries are L2-normalised as the layer's projection does. The pairs are written by
-        `ovq_chunked` (the layer's own prefill path: floor(N/L) chunks merged into the dictionary, the N mod L
-        tail left in the buffer); each query then reads the final dictionary and buffer with the reference
-        `read`, the buffer rows entering as slots of count 1 (log 1 = 0, the same logit beta q.k as the local
-        part of a read), and is not written itself. beta: the layer's (default sqrt(head_dim)); a probe whose
+        Keys and queries are L2-normalised as the layer's projection does. The pairs are written chunk by
+        chunk with the reference `write`, exactly as `ovq_chunked` (the prefill path) writes them, minus its
+        per-chunk reads: floor(N/L) chunks merged into the dictionary, the N mod L tail left as the buffer.
+        Each query then reads the final dictionary and buffer with the reference `read`, the buffer rows
+        entering as slots of count 1 (log 1 = 0: the same logit beta q.k as the local part of a read), and
+        is not written itself. beta: the layer's (default sqrt(head_dim)); a probe whose
         dk or head count differs from the layer's uses options.beta or sqrt(dk).
         keys[B, H, N, dk], values[B, H, N, dv], queries[B, H, M, dk] -> reads[B, H, M, dv] in the math dtype.
         """
@@ -210,12 +211,16 @@ class OVQAttention(SequenceLayer):
             beta = self._beta()
         else:
             beta = k.new_full((H,), self.options.beta if self.options.beta is not None else math.sqrt(dk))
-        _, state = ovq_chunked(k, k, v, beta, self.config)
-        n, j = state.active, state.buf_len
-        slots_k = torch.cat([centroid_keys(state.keys[:, :, :n], self.config), state.buf_k[:, :, :j]], dim=2)
-        slots_v = torch.cat([state.values[:, :, :n], state.buf_v[:, :, :j]], dim=2)
-        counts = torch.cat([state.counts[:, :, :n], state.counts.new_ones(B, H, j)], dim=2)
-        no_local_k, no_local_v = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, v.shape[-1])
+        L, dv = self.config.chunk_size, v.shape[-1]
+        written = k.shape[2] - k.shape[2] % L
+        keys, values, counts = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, dv), k.new_zeros(B, H, 0)
+        for c in range(written // L):
+            chunk = slice(c * L, (c + 1) * L)
+            keys, values, counts, _ = write(k[:, :, chunk], v[:, :, chunk], keys, values, counts, self.config, c)
+        slots_k = torch.cat([centroid_keys(keys, self.config), k[:, :, written:]], dim=2)
+        slots_v = torch.cat([values, v[:, :, written:]], dim=2)
+        counts = torch.cat([counts, counts.new_ones(B, H, k.shape[2] - written)], dim=2)
+        no_local_k, no_local_v = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, dv)
         return read(q, no_local_k, no_local_v, beta, slots_k, slots_v, counts)
 
     def state_bytes(self, batch: int, seq: int) -> int:
