@@ -130,7 +130,8 @@ class CompressedConvAttention(SequenceLayer):
         r_q = (q_heads + k_raw.view(B, T, G, 1, dh).expand(B, T, G, Hl // G, dh).reshape(B, T, Hl, dh)) / 2
         r_k = r_q.view(B, T, G, Hl // G, dh).mean(dim=3)
         seq = torch.cat([tail, torch.cat([q_raw, k_raw], dim=-1).transpose(1, 2)], dim=-1)  # [B, Cqk, L + T]
-        mixed = self._conv_head(self._conv_time(seq)).transpose(1, 2)  # [B, T, Cqk]
+        # contiguous channels: q and k must end up with unit stride in dh or SDPA falls back to its math backend
+        mixed = self._conv_head(self._conv_time(seq)).transpose(1, 2).contiguous()  # [B, T, Cqk]
         q = mixed[..., : Hl * dh].reshape(B, T, Hl, dh) + r_q
         k = mixed[..., Hl * dh:].reshape(B, T, G, dh) + r_k
         scale = math.sqrt(dh)

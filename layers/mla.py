@@ -53,8 +53,9 @@ class MultiHeadLatentAttention(SequenceLayer):
 
     Prefill/forward (non-absorbed): q, k [B, H, T, dh + dr], v [B, H, T, dh] through SDPA. The qk head dim
     differs from the v head dim: torch's flash backend needs them equal, so on CUDA fp16/bf16 v is zero-padded
-    to dh + dr and the output sliced (`sdpa-flash-vpad`); elsewhere, or if flash refuses, SDPA picks the
-    efficient or math backend, which take a differing v dim (`sdpa`).
+    to dh + dr and the output sliced (`sdpa-flash-vpad`); on CPU the same padding lets SDPA use its CPU flash
+    kernel instead of the T x T math backend (`sdpa-vpad`); otherwise (CUDA fp32, or flash refused) SDPA picks
+    the efficient or math backend, which take a differing v dim (`sdpa`). rope_dim 0 needs no padding.
     Decode (absorbed): W_uk is folded into the query, q_abs_h = W_uk,h^T q_nope_h [dc], so the scores are
     [q_abs_h, rope(q_rope_h)] . [c_p, rope(k_r,p)] read straight off the latent cache; the heads become H queries
     of one shared key/value head ([B, 1, H, dc + dr] against [B, 1, n, dc + dr], values the first dc columns),
@@ -151,6 +152,12 @@ class MultiHeadLatentAttention(SequenceLayer):
                 raise
             except RuntimeError:
                 self._flash_failed = True  # e.g. dh + dr > 256 or a pre-Ampere GPU
+        if not q.is_cuda and v.shape[-1] != q.shape[-1]:
+            # torch's CPU flash kernel also needs equal head dims; without it SDPA's math backend builds T x T
+            v_pad = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+            o = F.scaled_dot_product_attention(q, k, v_pad, is_causal=True, scale=self.scale)
+            self._impl = "sdpa-vpad"
+            return o[..., : v.shape[-1]]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         self._impl = "sdpa"
         return o
@@ -237,10 +244,12 @@ class MultiHeadLatentAttention(SequenceLayer):
         raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
 
     def implementation(self) -> str:
-        """`sdpa-flash-vpad` or `sdpa` (prefill/forward), `absorbed-sdpa` (decode): what the latest call ran;
-        before any call, what forward expects to run on the layer's device."""
+        """`sdpa-flash-vpad`, `sdpa-vpad` or `sdpa` (prefill/forward), `absorbed-sdpa` (decode): what the
+        latest call ran; before any call, what forward expects to run on the layer's device."""
         if self._impl is not None:
             return self._impl
-        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
-            return "sdpa-flash-vpad"
-        return "sdpa"
+        if self.rope_dim == 0:
+            return "sdpa"
+        if self.device.type == "cuda":
+            return "sdpa-flash-vpad" if self.dtype in (torch.float16, torch.bfloat16) else "sdpa"
+        return "sdpa-vpad"
