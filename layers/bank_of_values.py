@@ -46,7 +46,7 @@ class IdKCache:
 
 
 class BankOfValues(SequenceLayer):
-    """Bank of Values: softmax attention with values v_p = gamma * E_v[token_id_p] from a learned table.
+    """Bank of Values: softmax attention with values gamma * E_v(token id) from a learned per-layer table.
 
     Projections q: D -> H*dh, k: D -> G*dh, o: H*dh -> D, no bias, no positional encoding, scale 1/sqrt(dh);
     E_v an nn.Embedding(|V|, G*dh) (N(0, 1) init), gamma a learned scalar.

@@ -56,8 +56,9 @@ class CCAState:
 
 
 class CompressedConvAttention(SequenceLayer):
-    """Compressed convolutional attention (CCA; CCGQA with kv_heads < heads/C): causal softmax attention
-    in a latent of heads/C heads, q and k mixed by two short causal convs, values half shifted by one token.
+    """Compressed convolutional attention (CCA): causal softmax attention in a latent of heads/C heads.
+
+    CCGQA when kv_heads < heads/C; q and k mixed by two short causal convs, values half shifted by one token.
 
     Recipe (following HF transformers `models/zaya`, ZAYA1), per token x_t[D]:
     1. q = W_q x [Hl*dh], k = W_k x [G*dh] (the down-projection into the latent).

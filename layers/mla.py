@@ -43,8 +43,9 @@ class LatentCache:
 
 
 class MultiHeadLatentAttention(SequenceLayer):
-    """Multi-head latent attention (DeepSeek-V2 MLA): K, V from a dc-wide latent plus a shared RoPE key;
-    absorbed decode over a cache of dc + dr values per token.
+    """Multi-head latent attention (DeepSeek-V2 MLA): K, V up-projected from a small latent, absorbed decode.
+
+    A dc-wide latent plus a RoPE key shared by all heads; decode caches dc + dr values per token.
 
     Per token h[D]: [c, k_r] = W_dkv h (dc + dr, one projection), k_h = [W_uk,h c, rope(k_r)],
     v_h = W_uv,h c, q_h = [q_nope_h, rope(q_rope_h)] from W_q h (or W_uq W_dq h with q_latent);
