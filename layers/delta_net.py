@@ -2,7 +2,8 @@
 whose state update is one online regression step per token (the delta rule), optionally with a decay.
 
 Per head, with dk = dv = head_dim, q and k L2-normalised after a short causal conv + SiLU:
-    beta_t = sigmoid(w_b x_t),   alpha_t = exp(-exp(A_log) * softplus(w_a x_t + dt_bias))  (gated only, else 1)
+    beta_t = sigmoid(w_b x_t)
+    alpha_t = exp(-exp(A_log) * softplus(w_a x_t + dt_bias))   (Gated DeltaNet; DeltaNet: alpha_t = 1)
     S_t = alpha_t S_{t-1} + beta_t k_t (v_t - (alpha_t S_{t-1})^T k_t)^T                       [dk, dv]
         = (I - beta_t k_t k_t^T) alpha_t S_{t-1} + beta_t k_t v_t^T
     o_t = dk^-1/2 S_t^T q_t,   y_t = W_o RMSNorm(o_t)  (gated: W_o (RMSNorm(o_t) * swish(W_g x_t)))
@@ -79,7 +80,8 @@ class DeltaNet(RecurrentLayer):
              ) -> tuple[torch.Tensor, RecurrentState]:
         acc, dh = self.accum_dtype, self.head_dim
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv, tail = causal_conv(qkv.to(acc), self.conv_weight.to(acc), None, None if state is None else state.conv)
+        tail_in = None if state is None else state.conv
+        conv, tail = causal_conv(qkv.to(acc), self.conv_weight.to(acc), None, tail_in)
         q, k, v = (self._heads(t, dh) for t in F.silu(conv).chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.b_proj(x).to(acc)).transpose(1, 2)  # [B, H, T]
@@ -110,8 +112,9 @@ class DeltaNet(RecurrentLayer):
 class GatedDeltaNet(DeltaNet):
     """Gated DeltaNet: DeltaNet with a Mamba2-style data-dependent decay alpha_t and a swish output gate.
 
-    Adds to DeltaNet: a: D -> H with dt_bias and A_log per head (alpha_t = exp(-exp(A_log) softplus(a + dt_bias))),
-    output gate D -> H*dh. Same state, memory and cost model as DeltaNet.
+    Adds to DeltaNet: a: D -> H with dt_bias and A_log per head
+    (alpha_t = exp(-exp(A_log) softplus(a + dt_bias))), output gate D -> H*dh.
+    Same state, memory and cost model as DeltaNet.
     """
 
     Options = GatedDeltaNetOptions

@@ -39,7 +39,8 @@ def fla_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
         if recurrent:
-            o, S = fused_recurrent_gla(qt, kt, vt, gk=gt, scale=scale, initial_state=h0, output_final_state=True)
+            o, S = fused_recurrent_gla(qt, kt, vt, gk=gt, scale=scale, initial_state=h0,
+                                       output_final_state=True)
         else:
             o, S = chunk_gla(qt, kt, vt, gt, scale=scale, initial_state=h0, output_final_state=True)
     else:
@@ -53,7 +54,8 @@ def fla_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 def fla_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
               scale: float, initial_state: torch.Tensor | None, recurrent: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated delta rule; DeltaNet passes g=None and runs it with g = 0 (fla's chunk_delta_rule refuses float32).
+    """Gated delta rule; DeltaNet passes g=None and runs it with g = 0 (fla's chunk_delta_rule refuses
+    float32).
     q, k already L2-normalised; beta already through its sigmoid."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 

@@ -95,8 +95,9 @@ def decay_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
 
 
 # --- delta rule ---------------------------------------------------------------------------------------------
-def delta_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
-                    scale: float, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                    g: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token. q, k [B, H, T, dk] (L2-normalised by the caller), v [B, H, T, dv], beta [B, H, T],
     g [B, H, T] log decay or None (DeltaNet: no decay) -> o [B, H, T, dv], final state [B, H, dk, dv]."""
     S = _new_state(q, v, initial_state)
@@ -111,8 +112,9 @@ def delta_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: tor
     return torch.stack(outs, dim=2), S
 
 
-def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
-                  scale: float, chunk_size: int, initial_state: torch.Tensor | None = None
+def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  g: torch.Tensor | None, scale: float, chunk_size: int,
+                  initial_state: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked (WY) form of `delta_recurrent` (same arguments and results).
 
@@ -121,7 +123,8 @@ def delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     triangular system (I + A) U = diag(beta) (V - diag(G) K S), A_ij = beta_i (G_i/G_j) k_i.k_j for j < i.
     So U = Wv - Wk S with Wv = (I+A)^-1 diag(beta) V and Wk = (I+A)^-1 diag(beta G) K, computed for every
     chunk at once; the loop over chunks only does U = Wv - Wk S, the outputs
-    o_i = scale * (G_i q_i^T S + sum_{j<=i} (G_i/G_j) (q_i.k_j) u_j) and S <- G_C S + sum_j (G_C/G_j) k_j u_j^T.
+    o_i = scale * (G_i q_i^T S + sum_{j<=i} (G_i/G_j) (q_i.k_j) u_j)
+    and the state S <- G_C S + sum_j (G_C/G_j) k_j u_j^T.
     """
     B, H, T, dk = q.shape
     C = chunk_size

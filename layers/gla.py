@@ -21,13 +21,13 @@ from .recurrent_base import RecurrentLayer, RecurrentState
 
 
 class GLAOptions(LayerOptions):
-    chunk_size: int = Field(16, ge=1, description="tokens per block of the chunked forward (per-channel decay: "
-                                                   "intra-chunk memory grows as chunk_size * head_dim per token)")
+    chunk_size: int = Field(16, ge=1, description="tokens per block of the chunked forward (per-channel "
+                            "decay: intra-chunk memory grows as chunk_size * head_dim per token)")
     gate_low_rank: int = Field(16, ge=1, description="rank of the decay-gate projection D -> r -> H*dk")
     gate_logit_normalizer: float = Field(16.0, gt=0, description="log decay = logsigmoid(gate) / this")
     norm_eps: float = Field(1e-5, gt=0, description="eps of the per-head output RMSNorm")
-    probe_decay: float = Field(1.0, gt=0, le=1, description="capacity probe only: the fixed decay alpha of "
-                                                            "every channel per write (1 = no forgetting)")
+    probe_decay: float = Field(1.0, gt=0, le=1, description="capacity probe only: the fixed decay alpha "
+                               "of every channel per write (1 = no forgetting)")
 
 
 class GLA(RecurrentLayer):
@@ -39,9 +39,10 @@ class GLA(RecurrentLayer):
     Forward memory: q, k, v, g, gate [B, H, T, dh]; the chunked form holds the intra-chunk decay ratios and
     scores [B, H, T, C, dh] (per-channel decay) and one state per chunk [B, H, T/C, dh, dh].
 
-    Cost model (per head and padded token, C = chunk_size, dh = dk = dv): mix = 2*C*dk (intra scores, decay
-    ratios included) + 2*C*dv (scores @ V) + 4*dk*dv (q S_prev and the chunk state update); decode mix =
-    5*dk*dv (decay, k v^T, q^T S). Projections: 2 FLOPs per weight per token; bytes see RecurrentLayer.cost.
+    Cost model (per head and padded token, C = chunk_size, dh = dk = dv): mix = 3*C*dk (intra scores: k times
+    the decay ratios, then the reduction with q) + 2*C*dv (scores @ V) + 4*dk*dv (q S_prev and the chunk
+    state update); decode mix = 5*dk*dv (decay, k v^T, q^T S). Projections: 2 FLOPs per weight per token;
+    bytes see RecurrentLayer.cost.
     """
 
     Options = GLAOptions
@@ -71,13 +72,13 @@ class GLA(RecurrentLayer):
         return self.out_proj(out.to(x.dtype)), RecurrentState(S)
 
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """S <- probe_decay * S + k v^T per pair (every channel decays alike: the gate at a fixed value instead
-        of its data-dependent one), read q^T S. With probe_decay = 1 this is plain linear attention."""
+        """S <- probe_decay * S + k v^T per pair (every channel decays alike: the gate at a fixed value
+        instead of its data-dependent one), read q^T S. With probe_decay = 1: plain linear attention."""
         log_decay = torch.tensor(math.log(self.options.probe_decay), dtype=torch.float64)
         return self._probe_decay(keys, values, queries, log_decay)
 
     def _mix_flops_per_token(self, C: int) -> float:
-        return 2 * C * self.dk + 2 * C * self.dv + 4 * self.dk * self.dv
+        return 3 * C * self.dk + 2 * C * self.dv + 4 * self.dk * self.dv
 
     def _decode_mix_flops(self) -> float:
         return 5 * self.dk * self.dv

@@ -40,8 +40,8 @@ class Mamba2(RecurrentLayer):
     bias); dt_bias, A_log, D per head; out_proj: H*P -> D. Math and S[B, H, N, P] in float32 for fp16/bf16
     layers; the decode state also holds the conv tail [B, conv_size-1, H*P + 2N] in the layer dtype.
 
-    Forward memory: z, x, B, C, dt and y [B, T, ~2*H*P + 2N]; the chunked form holds scores [B, H, T, C] and one
-    state per chunk [B, H, T/C, N, P].
+    Forward memory: z, x, B, C, dt and y [B, T, ~2*H*P + 2N]; the chunked form holds scores [B, H, T, C] and
+    one state per chunk [B, H, T/C, N, P].
 
     Cost model (per head and padded token, C = chunk_size, dk = N, dv = P): mix = 2*C*dk + 2*C*dv + 4*dk*dv
     (C B^T, scores @ (dt x), C S_prev, chunk state update); decode mix = 5*dk*dv. Projections and the conv:
@@ -54,14 +54,16 @@ class Mamba2(RecurrentLayer):
         super().__init__(d_model, heads, head_dim, options)
         opts = self.options
         if opts.dt_min > opts.dt_max:
-            raise LayerConfigError("dt_min", "must not exceed dt_max", opts.dt_min, f"a value <= {opts.dt_max}")
+            raise LayerConfigError("dt_min", "must not exceed dt_max", opts.dt_min,
+                                   f"a value <= {opts.dt_max}")
         inner, N = heads * head_dim, opts.state_size
         self.dk, self.dv = N, head_dim
         self.inner = inner
         self.conv_size = opts.conv_size
         self.conv_channels = inner + 2 * N
         self.in_proj = nn.Linear(d_model, 2 * inner + 2 * N + heads, bias=False)
-        self.conv_weight = nn.Parameter(torch.randn(self.conv_channels, opts.conv_size) / math.sqrt(opts.conv_size))
+        conv_init = torch.randn(self.conv_channels, opts.conv_size) / math.sqrt(opts.conv_size)
+        self.conv_weight = nn.Parameter(conv_init)
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_channels))
         log_dt = torch.empty(heads).uniform_(math.log(opts.dt_min), math.log(opts.dt_max))
         dt = log_dt.exp()

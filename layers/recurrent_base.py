@@ -99,7 +99,8 @@ class RecurrentLayer(SequenceLayer):
 
     @torch.no_grad()
     def step(self, x_t: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and a new state (the input is never written)."""
+        """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and a new state (the input is never
+        written)."""
         return self._run(x_t, state, recurrent=True)
 
     # --- capacity probe ----------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class RecurrentLayer(SequenceLayer):
     def _activation_width(self) -> int:
         """Elements per token written by the input projections and read back (all Linears but out_proj,
         plus the mixer output that out_proj reads)."""
-        widths = sum(m.out_features for m in self.modules() if isinstance(m, nn.Linear) and m is not self.out_proj)
+        widths = sum(m.out_features for m in self.modules()
+                     if isinstance(m, nn.Linear) and m is not self.out_proj)
         return widths + self.out_proj.in_features
 
     def cost(self, mode: str, batch: int, seq: int) -> Cost:

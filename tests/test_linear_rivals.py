@@ -69,7 +69,7 @@ def rand(*shape, dtype=torch.float64, seed=1):
 
 
 def decode_all(layer, x, prefix):
-    """Prefill x[:, :prefix], then one `step` per remaining token; the concatenated outputs and final state."""
+    """Prefill x[:, :prefix], then one `step` per remaining token: concatenated outputs, final state."""
     y, state = layer.prefill(x[:, :prefix])
     outs = [y]
     for t in range(prefix, x.shape[1]):
@@ -228,7 +228,8 @@ def naive_layer(layer, x):
         S = torch.zeros(Bx, Hn, N, dh, dtype=x.dtype)
         ys = []
         for t in range(T):
-            S = (dt[:, t] * A).exp()[..., None, None] * S + Bm[:, t, None, :, None] * (dt[:, t, :, None] * xs[:, t])[:, :, None]
+            write = Bm[:, t, None, :, None] * (dt[:, t, :, None] * xs[:, t])[:, :, None]  # B_t (dt x_t)^T
+            S = (dt[:, t] * A).exp()[..., None, None] * S + write
             ys.append(torch.einsum("bn,bhnp->bhp", Cm[:, t], S) + layer.D[:, None] * xs[:, t])
         y = torch.stack(ys, 1).reshape(Bx, T, inner)
         return layer.out_proj(_rms(y * F.silu(z), layer.norm_weight, eps))
@@ -245,8 +246,9 @@ def naive_layer(layer, x):
         outs = []
         for t in range(T):
             kt = k[:, t]
-            decay = alpha[:, t, :, None, None] * (eye - beta[:, t, :, None, None] * kt[..., :, None] * kt[..., None, :])
-            S = S @ decay + beta[:, t, :, None, None] * v[:, t, ..., :, None] * kt[..., None, :]
+            bt = beta[:, t, :, None, None]
+            decay = alpha[:, t, :, None, None] * (eye - bt * kt[..., :, None] * kt[..., None, :])
+            S = S @ decay + bt * v[:, t, ..., :, None] * kt[..., None, :]
             outs.append(dh ** -0.5 * (S @ q[:, t, ..., None]).squeeze(-1))
         o = _rms(torch.stack(outs, 1), layer.norm_weight, eps).reshape(Bx, T, Hn * dh)
         if layer.gated:
@@ -255,7 +257,8 @@ def naive_layer(layer, x):
     # GLA and RetNet: S_t = diag(alpha_t) S_{t-1} + k v^T, swish-gated RMSNorm output
     q, k, v = (split(p(x), dh) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
     if isinstance(layer, GLA):
-        alpha = torch.sigmoid(split(layer.gate_up(layer.gate_down(x)), dh)) ** (1 / layer.options.gate_logit_normalizer)
+        gate = split(layer.gate_up(layer.gate_down(x)), dh)
+        alpha = torch.sigmoid(gate) ** (1 / layer.options.gate_logit_normalizer)
     else:
         gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(Hn)], dtype=x.dtype)
         alpha = gamma[None, None, :, None].expand(Bx, T, Hn, dh)
@@ -464,7 +467,8 @@ def test_probe_decay_option_forgets_older_pairs(name, opts):
 def test_cli_sweep_runs_every_linear_rival(tmp_path):
     profile = {
         "name": "linear-rivals-test",
-        "defaults": {"batch": 1, "d_model": 32, "heads": 2, "head_dim": 16, "dtype": "float32", "device": "cpu"},
+        "defaults": {"batch": 1, "d_model": 32, "heads": 2, "head_dim": 16, "dtype": "float32",
+                     "device": "cpu"},
         "layers": [{"name": name, "type": name, "chunk_size": 32} for name in REGISTERED],
         "sweep": {"seq": [128], "modes": ["fwd"], "batch": 1, "warmup_ms": 1, "rep_ms": 5, "check_seq": 24},
     }
@@ -474,7 +478,8 @@ def test_cli_sweep_runs_every_linear_rival(tmp_path):
                                       "fwd,bwd,decode", "--format", "csv", "--no-roofline"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert [(r["layer"], r["mode"]) for r in rows] == [(n, m) for n in REGISTERED for m in ("fwd", "bwd", "decode")]
+    expected = [(n, m) for n in REGISTERED for m in ("fwd", "bwd", "decode")]
+    assert [(r["layer"], r["mode"]) for r in rows] == expected
     assert all(r["status"] == "ok" and r["check"] == "pass" for r in rows), rows
     assert all(r["impl"] == "torch-chunked" for r in rows)
 
