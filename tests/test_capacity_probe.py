@@ -274,3 +274,13 @@ def test_cli_interrupt_keeps_finished_rows(tmp_path, monkeypatch):
     (row,) = list(csv.DictReader(io.StringIO(out.read_text())))
     assert row["pairs"] == "16" and row["status"] == "ok" and row["capacity"] == ""
     assert "interrupted" in row["note"] and "1 rows finished and kept" in result.stderr
+
+
+def test_cli_bad_mqar_field_in_yaml_names_file_line_and_field(tmp_path):
+    pytest.importorskip("ovqprof.capacity.mqar", reason="the MQAR trainer is not in this checkout")
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("defaults: {d_model: 32, heads: 1, head_dim: 32}\nlayers:\n  - {name: a, type: ovq}\n"
+                    "capacity:\n  mqar:\n    vocab_size: 128\n    stepz: 3\n")
+    result = runner.invoke(app, ["capacity", "--profile", str(spec), "--method", "mqar"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{spec}, line 7, field capacity.mqar.stepz: unknown key 'stepz'" in result.stderr

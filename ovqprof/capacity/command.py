@@ -90,15 +90,23 @@ def mqar_settings(spec: Spec, request: CapacityRequest):
     try:
         return MQARSettings.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(part) for part in err["loc"]]
-        lines = spec.capacity.mqar_lines
-        field = ".".join(["capacity", "mqar", *loc])
-        value = err.get("input") if loc and isinstance(raw, dict) and loc[0] in raw else None
-        allowed = ", ".join(MQARSettings.model_fields) if err["type"] == "extra_forbidden" else None
-        raise SpecError(err["msg"][:1].lower() + err["msg"][1:], file=spec.file,
-                        line=lines.get(loc[0] if loc else "", lines.get("")), field=field, value=value,
-                        allowed=allowed) from None
+        raise _mqar_error(spec, exc, MQARSettings) from None
+
+
+def _mqar_error(spec: Spec, exc: ValidationError, model: type) -> SpecError:
+    """The first error of MQARSettings as a SpecError at the line of its key in `capacity.mqar`."""
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    lines = spec.capacity.mqar_lines
+    line = lines.get(loc[0] if loc else "", lines.get(""))
+    field = ".".join(["capacity", "mqar", *loc])
+    if err["type"] == "extra_forbidden":
+        return SpecError(f"unknown key {loc[-1]!r}", file=spec.file, line=line, field=field,
+                         allowed=", ".join(model.model_fields))
+    top = model.model_fields.get(loc[0]) if loc else None
+    problem = err["msg"].removeprefix("Value error, ")
+    return SpecError(problem[:1].lower() + problem[1:], file=spec.file, line=line, field=field,
+                     value=err.get("input") if loc else None, allowed=top.description if top else None)
 
 
 def capacity_header(header: dict, spec: Spec, method: str, settings: object) -> dict:
