@@ -294,3 +294,16 @@ def test_output_path_that_is_a_file_exits_2(tmp_path):
     result = invoke_report([good], target)
     assert result.exit_code == 2
     assert f"--output {target} is a file" in result.output and "Traceback" not in result.output
+
+
+def test_layers_are_ranked_and_compared_within_one_batch(tmp_path):
+    rows = crossover_sweep()
+    big = [dict(r, batch=64, ms_median=r["ms_median"] * 100, state_bytes=r["state_bytes"] * 64)
+           for r in rows if r["mode"] == "decode" and r["seq"] == 1024]
+    out = tmp_path / "r"
+    assert invoke_report([write_json(tmp_path / "s.json", rows + big)], out).exit_code == 0
+    text = report_text(out)
+    # B=64 is 100x slower per step: ranked on its own, never against B=1
+    assert "decode ms per step (B=64): at T=1024 B B=64 is fastest" in text
+    assert "decode ms per step (B=1): at T=256 A B=1 is fastest" in text
+    assert "| state / A B=64 KV cache | T=1024 |" in text and "| B B=64 | 0.0625 |" in text

@@ -38,6 +38,7 @@ from ovqprof.report.series import (
     accuracy_series,
     capacity_ok,
     kind_of_label,
+    split_groups,
     sweep_series,
 )
 
@@ -68,6 +69,7 @@ class Report:
         self.sweep_labels = SweepLabels(self.sweep)
         self.capacity_labels = CapacityLabels(self.capacity)
         self.kinds = kind_of_label(self.sweep, self.sweep_labels)
+        self.groups = {self.sweep_labels(r): self.sweep_labels.group(r) for r in self.sweep}
         labels = {self.sweep_labels(r) for r in self.sweep} | {self.capacity_labels(r) for r in self.capacity}
         self.order = sorted(labels)
         self.written: list[str] = []
@@ -83,6 +85,12 @@ class Report:
     def series(self, mode: str | None, column: str, ok_only: bool = True) -> Series:
         return sweep_series(self.sweep, self.sweep_labels, mode, lambda r: r.get(column), ok_only)
 
+    def ranked(self, what: str, series: Series, higher_is_better: bool, fmt) -> str:
+        """ranking_reading within each batch/device group (prefixed by the group when there are several)."""
+        parts = split_groups(series, self.groups)
+        return " ".join(ranking_reading(f"{what} ({group})" if len(parts) > 1 else what, s, higher_is_better,
+                                        fmt, "fastest") for group, s in parts.items())
+
     def throughput(self) -> Section:
         title = "Throughput vs sequence length"
         if not self.sweep:
@@ -93,7 +101,7 @@ class Report:
         panels = {m: self.series(m, "tokens_per_s") for m in modes}
         image = plots.lines_by_panel(panels, self.path("throughput.png"), self.order, xlabel="sequence length T",
                                      ylabel="tokens/s", title="Throughput").name
-        reading = " ".join(ranking_reading(m, panels[m], True, fmt_rate, "fastest") for m in modes)
+        reading = " ".join(self.ranked(m, panels[m], True, fmt_rate) for m in modes)
         return Section(title, image, reading)
 
     def decode(self) -> Section:
@@ -105,7 +113,7 @@ class Report:
         series = self.series("decode", "ms_median")
         image = plots.lines_by_panel({"": series}, self.path("decode.png"), self.order, ylabel="ms per step",
                                      xlabel="context length T", title="Decode latency (one token per step)").name
-        return Section(title, image, ranking_reading("decode ms per step", series, False, fmt_ms, "fastest"))
+        return Section(title, image, self.ranked("decode ms per step", series, False, fmt_ms))
 
     def peak_column(self) -> str | None:
         for column in PEAK_COLUMNS:
@@ -124,10 +132,12 @@ class Report:
         modes = self.modes_present(MODES)
         panels = {m: self.series(m, column) for m in modes}
         panels = {m: s for m, s in panels.items() if s}
+        readable = {f"{m} ({group})" if group else m: s for m, series in panels.items()
+                    for group, s in split_groups(series, self.groups).items()}
         image = plots.lines_by_panel(panels, self.path("memory.png"), self.order, xlabel="sequence length T",
                                      ylabel=f"peak memory ({column})", title="Peak memory", ybytes=True).name
         isolated = {f.header.get("isolate") for f in self.files if f.kind == "sweep"}
-        return Section(title, image, memory_reading(panels, column, False if isolated == {False} else None))
+        return Section(title, image, memory_reading(readable, column, False if isolated == {False} else None))
 
     def state(self) -> Section:
         title = "State bytes vs context (KV cache vs constant state)"
@@ -139,13 +149,18 @@ class Report:
         image = plots.lines_by_panel({"": state}, self.path("state.png"), self.order, xlabel="context length T",
                                      ylabel="state bytes (KV cache or recurrent state)",
                                      title="Decode state", ybytes=True).name
-        section = Section(title, image, state_reading(state, self.kinds))
-        reference = kv_reference(state, self.kinds)
-        if reference is not None:
-            ratios = kv_ratios(state, reference)
-            xs = sorted(state[reference])
+        parts = split_groups(state, self.groups)
+        section = Section(title, image, " ".join(
+            (f"{group}: " if len(parts) > 1 else "") + state_reading(s, self.kinds) for group, s in parts.items()))
+        for s in parts.values():
+            reference = kv_reference(s, self.kinds)
+            if reference is None:
+                continue
+            ratios = kv_ratios(s, reference)
+            xs = sorted(s[reference])
             rows = [[label] + [f"{r[x]:.3g}" if x in r else "-" for x in xs] for label, r in ratios.items() if r]
-            section.tables.append(table([f"state / {reference} KV cache"] + [f"T={x}" for x in xs], rows))
+            if rows:
+                section.tables.append(table([f"state / {reference} KV cache"] + [f"T={x}" for x in xs], rows))
         return section
 
     # --- capacity sections -------------------------------------------------------------------------------
@@ -171,7 +186,7 @@ class Report:
         taus = [series_tau(rows)[0] for rows in by_label.values()]
         image = plots.recall_plot(acc, taus, self.path("recall.png"), self.order).name
         text = recall_reading(acc, tau) + ("" if given else f" (tau={tau:g} assumed: the rows carry no tau.)")
-        headers = [f.header for f in self.files]
+        headers = [f.header for f in self.files if f.kind == "capacity"]  # a sweep's layer of that name may differ
         ovq = [label for label, rows in by_label.items() if any(is_ovq(r) for r in rows)]
         for label in ovq:
             rows = by_label[label]
@@ -231,10 +246,16 @@ class Report:
                 longest = max(x for s in state.values() for x in s)
                 cols.append((f"state @T={longest}", state, longest, human_bytes))
             labels = sorted({self.sweep_labels(r) for r in self.sweep})
-            rows = [[label, self.kinds.get(label, "")] +
-                    [fmt(series[label][x]) if x in series.get(label, {}) else "-" for _, series, x, fmt in cols]
+            def cell(label: str, series: Series, x: int, fmt) -> str:
+                points = series.get(label, {})
+                if x in points:
+                    return fmt(points[x])
+                return f"{fmt(points[max(points)])} (T={max(points)})" if points else "-"
+
+            rows = [[label, self.kinds.get(label, "")] + [cell(label, series, x, fmt) for _, series, x, fmt in cols]
                     for label in labels]
-            out.append(("Sweep, at the longest length of each column (- : not measured there, or not ok):",
+            out.append(("Sweep, at the longest length of each column, else at the layer's own longest (T=...); "
+                        "- : no successful row:",
                         table(["layer", "kind"] + [c[0] for c in cols], rows)))
         if self.capacity:
             points = {p.label: p for p in self.pareto_points()[0]}

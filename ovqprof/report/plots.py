@@ -37,6 +37,27 @@ def _bytes_tick(value: float, _pos: object) -> str:
     return f"{value:.3g} B"
 
 
+def _si(value: float) -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log y labels as plain numbers (0.2, 4M) instead of 2x10^-1; minor ticks labelled (at 2, 3, 5 of
+    each decade) only when the axis spans less than two decades, where majors alone are too few."""
+    import math
+
+    def minor(value: float, _pos: object) -> str:
+        low, high = ax.get_ylim()
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return _si(value) if high / max(low, 1e-300) < 100 and mantissa in (2, 3, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: _si(v)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _figure(panels: int, width: float = PANEL_SIZE[0]) -> tuple[Figure, list]:
     fig = Figure(figsize=(max(width * panels, 7.0), PANEL_SIZE[1]), layout="constrained")
     FigureCanvasAgg(fig)
@@ -88,6 +109,8 @@ def lines_by_panel(panels: dict[str, Series], path: Path, order: list[str], *, x
         _seq_axis(ax, series)
         if ylog and not linear_mib:
             ax.set_yscale("log", base=2 if ybytes else 10)
+            if not ybytes:
+                _plain_log_ticks(ax)
         if ybytes and not linear_mib:
             ax.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))
         ax.set_xlabel(xlabel)
@@ -101,7 +124,7 @@ def lines_by_panel(panels: dict[str, Series], path: Path, order: list[str], *, x
 def recall_plot(acc: Series, taus: list[float], path: Path, order: list[str]) -> Path:
     fig, (ax,) = _figure(1)
     _lines(ax, acc, order)
-    ax.set_xscale("log", base=2)
+    _seq_axis(ax, acc)
     for tau in sorted(set(taus)):
         ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
     ax.set_ylim(-0.03, 1.03)
@@ -129,6 +152,7 @@ def pareto_plot(points: list[ParetoPoint], tau: float, path: Path, order: list[s
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(_bytes_tick))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: _si(v)))
     ax.margins(0.15)
     ax.set_xlabel("state bytes")
     ax.set_ylabel(f"capacity (pairs at accuracy >= {tau:g})")

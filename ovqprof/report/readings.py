@@ -81,6 +81,23 @@ def overtake_length(series: Series, first: str, second: str, higher_is_better: b
     return None
 
 
+def crossing_estimate(first: dict[int, float], second: dict[int, float], cross: int) -> float | None:
+    """Where two lines cross between the measured length before `cross` and `cross`, interpolating
+    log(value ratio) linearly in log(T); None when there is no measured length before `cross`."""
+    import math
+
+    before = [x for x in sorted(set(first) & set(second)) if x < cross]
+    if not before:
+        return None
+    x0 = before[-1]
+    g0 = math.log(second[x0] / first[x0])
+    g1 = math.log(second[cross] / first[cross])
+    if g0 == g1:
+        return None
+    t = g0 / (g0 - g1)
+    return math.exp(math.log(x0) + t * (math.log(cross) - math.log(x0)))
+
+
 def ranking_reading(what: str, series: Series, higher_is_better: bool, fmt, best_word: str) -> str:
     """One paragraph: the best series at the shortest and longest compared lengths (with its margin over the
     next), where the lead changes, and from which length the long-length winner beats the short-length one."""
@@ -105,8 +122,7 @@ def ranking_reading(what: str, series: Series, higher_is_better: bool, fmt, best
         text += f"; {at(xs[-1])}"
     text += "."
     if not ranking.changes:
-        span = f"T={xs[0]}..{xs[-1]}" if len(xs) > 1 else f"T={xs[0]}"
-        return text + f" The lead does not change over {span}."
+        return text + (f" The lead does not change over T={xs[0]}..{xs[-1]}." if len(xs) > 1 else "")
     listed = [f"T={x1} ({new} takes the lead from {old})" for _, x1, old, new in ranking.changes]
     more = len(listed) - MAX_CHANGES_LISTED
     listed = listed[:MAX_CHANGES_LISTED] + ([f"{more} more"] if more > 0 else [])
@@ -115,8 +131,10 @@ def ranking_reading(what: str, series: Series, higher_is_better: bool, fmt, best
     if short_winner != long_winner:
         cross = overtake_length(series, short_winner, long_winner, higher_is_better)
         if cross is not None:
-            text += (f" Crossover: {long_winner} beats {short_winner} from T={cross} on "
-                     f"(at every length measured from there).")
+            text += f" Crossover: {long_winner} beats {short_winner} from T={cross} on"
+            estimate = crossing_estimate(series[short_winner], series[long_winner], cross)
+            text += (f" (the lines cross near T={estimate:.0f} by log-log interpolation)." if estimate else
+                     " (at every length measured).")
     return text
 
 

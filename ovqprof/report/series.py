@@ -18,12 +18,26 @@ class SweepLabels:
         self.devices = {r.get("device") for r in rows}
 
     def __call__(self, row: dict) -> str:
-        label = str(row["layer"])
+        group = self.group(row)
+        return f"{row['layer']} {group}" if group else str(row["layer"])
+
+    def group(self, row: dict) -> str:
+        """The batch and device part of the label ("" when the inputs hold one of each): layers are only
+        ranked and compared within a group (ms per step at B=64 is no rival to B=1)."""
+        parts = []
         if len(self.batches) > 1:
-            label += f" B={row.get('batch')}"
+            parts.append(f"B={row.get('batch')}")
         if len(self.devices) > 1:
-            label += f" ({row.get('device')})"
-        return label
+            parts.append(f"({row.get('device')})")
+        return " ".join(parts)
+
+
+def split_groups(series: Series, groups: dict[str, str]) -> dict[str, Series]:
+    """{group: the series of that group}, groups in order of first appearance."""
+    out: dict[str, Series] = {}
+    for label, points in series.items():
+        out.setdefault(groups.get(label, ""), {})[label] = points
+    return out
 
 
 def sweep_series(rows: list[dict], labels: SweepLabels, mode: str | None, value: Callable[[dict], float | None],
