@@ -77,6 +77,84 @@ def decode_all(layer, x, prefix, capacity=None):
     return torch.cat(outs, dim=1), state
 
 
+# --- forward against naive references (explicit T x T softmax, no SDPA) --------------------------------
+def causal_softmax(q, k, v, scale):
+    """q[B, H, T, d], k[B, H, T, d], v[B, H, T, dv] -> explicit masked softmax attention [B, H, T, dv]."""
+    T = q.shape[2]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    return ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, -math.inf).softmax(-1) @ v
+
+
+def rope(t, theta=10000.0):
+    """RoPE on t[..., T, d] at positions 0..T-1, pairs (i, i + d/2), written out with sin/cos of each pair."""
+    T, d = t.shape[-2], t.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    a, b = t[..., : d // 2], t[..., d // 2:]
+    return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], dim=-1)
+
+
+def naive_mla(layer, x):
+    Bx, T, _ = x.shape
+    q = layer.q_proj(x).view(Bx, T, H, DH + layer.rope_dim).transpose(1, 2)
+    c, k_r = layer.kv_down(x).split([layer.kv_latent, layer.rope_dim], dim=-1)
+    k_nope = layer.k_up(c).view(Bx, T, H, DH).transpose(1, 2)
+    k_r = rope(k_r).unsqueeze(1).expand(Bx, H, T, layer.rope_dim)
+    q = torch.cat([q[..., :DH], rope(q[..., DH:])], dim=-1)
+    v = layer.v_up(c).view(Bx, T, H, DH).transpose(1, 2)
+    o = causal_softmax(q, torch.cat([k_nope, k_r], dim=-1), v, 1 / math.sqrt(DH + layer.rope_dim))
+    return layer.o_proj(o.transpose(1, 2).reshape(Bx, T, H * DH))
+
+
+def naive_cca(layer, x):
+    """CCA by its recipe with torch's own Conv1d modules (left zero padding) and per-head value halves."""
+    Bx, T, _ = x.shape
+    Hl, G, s = layer.latent_heads, layer.kv_heads, layer.shift_dim
+    q_raw, k_raw = layer.q_proj(x), layer.k_proj(x)
+    qh, kh = q_raw.view(Bx, T, Hl, DH), k_raw.view(Bx, T, G, DH)
+    r_q = (qh + kh.repeat_interleave(Hl // G, dim=2)) / 2  # mean of pre-conv q and k
+    r_k = r_q.view(Bx, T, G, Hl // G, DH).mean(dim=3)
+    qk = F.pad(torch.cat([q_raw, k_raw], dim=-1).transpose(1, 2), (layer.tail, 0))
+    mixed = layer.conv_head(layer.conv_time(qk)).transpose(1, 2)
+    q = mixed[..., : Hl * DH].reshape(Bx, T, Hl, DH) + r_q
+    k = mixed[..., Hl * DH:].reshape(Bx, T, G, DH) + r_k
+    q = F.normalize(q, dim=-1) * math.sqrt(DH)
+    k = F.normalize(k, dim=-1) * math.sqrt(DH) * layer.temperature.view(1, 1, G, 1)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if layer.options.rope:
+        q, k = rope(q), rope(k)
+    v = torch.zeros(Bx, T, G, DH, dtype=x.dtype)
+    v[..., : DH - s] = layer.v_current(x).view(Bx, T, G, DH - s)
+    v[:, 1:, :, DH - s:] = layer.v_shifted(x[:, :-1]).view(Bx, T - 1, G, s)  # previous token, zeros at t = 0
+    rep = Hl // G
+    o = causal_softmax(q, k.repeat_interleave(rep, dim=1), v.transpose(1, 2).repeat_interleave(rep, dim=1),
+                       1 / math.sqrt(DH))
+    return layer.o_proj(o.transpose(1, 2).reshape(Bx, T, Hl * DH))
+
+
+def naive_bov(layer, x):
+    Bx, T, _ = x.shape
+    G = layer.kv_heads
+    ids = ((x > 0).long() * layer.hash_multipliers).sum(-1) % layer.options.vocab_size
+    v = (layer.gamma * layer.value_table.weight[ids]).view(Bx, T, G, DH).transpose(1, 2)
+    q = layer.q_proj(x).view(Bx, T, H, DH).transpose(1, 2)
+    k = layer.k_proj(x).view(Bx, T, G, DH).transpose(1, 2)
+    o = causal_softmax(q, k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1), 1 / math.sqrt(DH))
+    return layer.o_proj(o.transpose(1, 2).reshape(Bx, T, H * DH))
+
+
+NAIVE = {MultiHeadLatentAttention: naive_mla, CompressedConvAttention: naive_cca, CompressedConvGQA: naive_cca,
+         BankOfValues: naive_bov}
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_forward_matches_naive_reference(name):
+    layer = make(name)
+    x = rand_x(9)
+    with torch.no_grad():
+        assert_close_rel(layer(x), NAIVE[CONFIGS[name][0]](layer, x))
+
+
 # --- decode against forward ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -221,11 +299,13 @@ def test_cca_conv_tail_and_value_shift_across_the_boundary(name, prefix):
         s = layer.shift_dim
         cur = layer.v_current(x).view(B, 8, layer.kv_heads, DH - s).transpose(1, 2)
         prev = F.pad(layer.v_shifted(x)[:, :-1], (0, 0, 1, 0)).view(B, 8, layer.kv_heads, s).transpose(1, 2)
-        assert_close_rel(full.v[..., : DH - s], cur) and assert_close_rel(full.v[..., DH - s:], prev)
+        assert_close_rel(full.v[..., : DH - s], cur)
+        assert_close_rel(full.v[..., DH - s:], prev)
         # and step by step from this prefix
         actual, stepped = decode_all(layer, x, prefix, capacity=8)
         assert_close_rel(actual, layer(x))
-        assert_close_rel(stepped.v, full.v) and assert_close_rel(stepped.k, full.k)
+        assert_close_rel(stepped.v, full.v)
+        assert_close_rel(stepped.k, full.k)
         assert_close_rel(stepped.qk_tail, padded[..., 8:8 + L])
 
 
