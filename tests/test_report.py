@@ -307,3 +307,14 @@ def test_layers_are_ranked_and_compared_within_one_batch(tmp_path):
     assert "decode ms per step (B=64): at T=1024 B B=64 is fastest" in text
     assert "decode ms per step (B=1): at T=256 A B=1 is fastest" in text
     assert "| state / A B=64 KV cache | T=1024 |" in text and "| B B=64 | 0.0625 |" in text
+
+
+def test_noisy_timings_are_named(tmp_path):
+    rows = crossover_sweep()
+    rows[0].update(ms_p20=1.0, ms_p80=5.0)  # A fwd T=256
+    rows[1].update(ms_p20=1.0, ms_p80=1.5)  # within the spread: not named
+    out = tmp_path / "r"
+    assert invoke_report([write_json(tmp_path / "s.json", rows)], out).exit_code == 0
+    text = report_text(out)
+    assert "Noisy timings: 1 successful rows have a spread ms_p80 / ms_p20 above 2" in text
+    assert text.rstrip().endswith(": A fwd T=256 (5x).")

@@ -45,6 +45,7 @@ from ovqprof.report.series import (
 PLOT_FILES = ("throughput.png", "decode.png", "memory.png", "state.png", "recall.png", "pareto.png")
 PEAK_COLUMNS = ("mem_torch_alloc_bytes", "mem_rss_peak_bytes")  # GPU allocator peak first, RSS on CPU
 MODES = ("fwd", "bwd", "decode")
+NOISY_SPREAD = 2.0  # ms_p80 / ms_p20 above this: the median of that row is not to be trusted
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -226,7 +227,7 @@ class Report:
         image = plots.pareto_plot(points, tau, self.path("pareto.png"), self.order).name
         text = pareto_reading(points, tau)
         if skipped:
-            text += f" Not plotted (capacity 0 or no state_bytes): {', '.join(skipped)}."
+            text += f" Not plotted (no pairs reached tau, or no state_bytes): {', '.join(skipped)}."
         return Section(title, image, text)
 
     # --- tables and failures -----------------------------------------------------------------------------
@@ -271,6 +272,13 @@ class Report:
                                             "first pairs < tau"], rows)))
         return out
 
+    def noisy(self) -> list[str]:
+        """Successful sweep rows whose timing spread p80/p20 exceeds NOISY_SPREAD, widest first."""
+        spread = [(r["ms_p80"] / r["ms_p20"], r) for r in self.sweep if r.get("status") == "ok"
+                  and r.get("ms_p20") and r.get("ms_p80")]
+        wide = sorted(((s, r) for s, r in spread if s > NOISY_SPREAD), key=lambda sr: -sr[0])
+        return [f"{self.sweep_labels(r)} {r['mode']} T={r['seq']} ({s:.3g}x)" for s, r in wide]
+
     def failed(self) -> list[dict]:
         out = []
         for f in self.files:
@@ -298,7 +306,7 @@ def write_report(paths: list[Path], out_dir: Path, generated: str | None = None)
         if name not in report.written and (out_dir / name).exists():
             (out_dir / name).unlink()
     generated = generated or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    text = render(files, generated, report.key_tables(), sections, report.failed())
+    text = render(files, generated, report.key_tables(), sections, report.failed(), report.noisy(), NOISY_SPREAD)
     path = out_dir / "report.md"
     path.write_text(text)
     return path

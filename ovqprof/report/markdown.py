@@ -49,6 +49,15 @@ def sources_lines(files: list[ResultFile], generated: str) -> list[str]:
     return lines
 
 
+def noisy_lines(noisy: list[str], spread: float) -> list[str]:
+    if not noisy:
+        return []
+    shown = noisy[:MAX_FAILED_LISTED] + ([f"{len(noisy) - MAX_FAILED_LISTED} more"] if len(noisy) > MAX_FAILED_LISTED
+                                         else [])
+    return ["", f"Noisy timings: {len(noisy)} successful rows have a spread ms_p80 / ms_p20 above {spread:g} "
+            f"(kept in the plots; their medians may be off, re-run them on an idle machine): {', '.join(shown)}."]
+
+
 def failed_lines(failed: list[dict]) -> list[str]:
     lines = ["## Rows that failed, ran out of memory or were skipped", ""]
     if not failed:
@@ -68,7 +77,7 @@ def failed_lines(failed: list[dict]) -> list[str]:
 
 
 def render(files: list[ResultFile], generated: str, key_tables: list[tuple[str, list[str]]],
-           sections: list[Section], failed: list[dict]) -> str:
+           sections: list[Section], failed: list[dict], noisy: list[str], noisy_spread: float = 2.0) -> str:
     lines = ["# ovqprof report", ""]
     lines += sources_lines(files, generated) + [""]
     lines += ["## Key numbers", ""]
@@ -81,5 +90,5 @@ def render(files: list[ResultFile], generated: str, key_tables: list[tuple[str, 
         lines += [s.reading, ""]
         for t in s.tables:
             lines += [*t, ""]
-    lines += failed_lines(failed)
+    lines += failed_lines(failed) + noisy_lines(noisy, noisy_spread)
     return "\n".join(lines).rstrip() + "\n"
