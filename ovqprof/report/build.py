@@ -138,7 +138,10 @@ class Report:
         image = plots.lines_by_panel(panels, self.path("memory.png"), self.order, xlabel="sequence length T",
                                      ylabel=f"peak memory ({column})", title="Peak memory", ybytes=True).name
         isolated = {f.header.get("isolate") for f in self.files if f.kind == "sweep"}
-        return Section(title, image, memory_reading(readable, column, False if isolated == {False} else None))
+        missing = sum(r.get("status") == "ok" and r.get(column) is None for r in self.sweep)
+        tail = f" {missing} successful rows have no {column} (e.g. from another device) and are not plotted." \
+            if missing else ""
+        return Section(title, image, memory_reading(readable, column, False if isolated == {False} else None) + tail)
 
     def state(self) -> Section:
         title = "State bytes vs context (KV cache vs constant state)"

@@ -18,18 +18,22 @@ class SweepLabels:
         self.devices = {r.get("device") for r in rows}
 
     def __call__(self, row: dict) -> str:
-        group = self.group(row)
-        return f"{row['layer']} {group}" if group else str(row["layer"])
+        label = str(row["layer"])
+        if len(self.batches) > 1:
+            label += f" B={row.get('batch')}"
+        if len(self.devices) > 1:
+            label += f" ({row.get('device')})"
+        return label
 
     def group(self, row: dict) -> str:
-        """The batch and device part of the label ("" when the inputs hold one of each): layers are only
-        ranked and compared within a group (ms per step at B=64 is no rival to B=1)."""
+        """The batch and device of a row ("" when the inputs hold one of each): layers are only ranked and
+        compared within a group (ms per step at B=64 is no rival to B=1)."""
         parts = []
         if len(self.batches) > 1:
             parts.append(f"B={row.get('batch')}")
         if len(self.devices) > 1:
-            parts.append(f"({row.get('device')})")
-        return " ".join(parts)
+            parts.append(str(row.get("device")))
+        return ", ".join(parts)
 
 
 def split_groups(series: Series, groups: dict[str, str]) -> dict[str, Series]:
