@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ovqprof.cli import app
-from ovqprof.report.readings import ParetoPoint, first_drop, pareto_front
+from ovqprof.report.readings import ParetoPoint, first_drop, overtake_length, pareto_front, rank_by_length
 from ovqprof.rows import COLUMNS, empty_row
 
 runner = CliRunner()
@@ -184,6 +184,15 @@ def test_ovq_saturation_point(tmp_path):
     assert ("ovq (dict_size 64) saturates: accuracy first drops below tau=0.9 at 256 pairs (0.6, 4x its "
             "dict_size); the last pairs with accuracy >= tau was 128 (0.92).") in text
     assert "mha >= 0.9 up to 512 pairs" in text
+
+
+def test_crossover_is_where_the_lead_holds_not_a_brief_lead():
+    series = {"A": {256: 10.0, 512: 10.0, 1024: 10.0, 2048: 10.0},
+              "B": {256: 5.0, 512: 12.0, 1024: 8.0, 2048: 12.0}}
+    assert overtake_length(series, "A", "B", higher_is_better=True) == 2048
+    assert overtake_length(series, "B", "A", higher_is_better=False) == 2048  # lower is better: same lengths
+    assert rank_by_length(series, True).changes == [(256, 512, "A", "B"), (512, 1024, "B", "A"),
+                                                    (1024, 2048, "A", "B")]
 
 
 def test_first_drop_is_the_first_not_the_last():
