@@ -491,3 +491,27 @@ def test_cca_tap_loop_convs_equal_conv1d(kernels):
     seq = torch.randn(B, layer.qk_channels, 9, dtype=torch.float64)
     assert_close_rel(layer._conv_time(seq), layer.conv_time(seq))
     assert_close_rel(layer._conv_head(seq), layer.conv_head(seq))
+
+
+# --- GPU (skipped without CUDA) ------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("type_name,opts,impl", [
+    ("mla", {"q_latent": 384}, "sdpa-flash-vpad"), ("cca", {}, "sdpa-latent"),
+    ("ccgqa", {"kv_heads": 1}, "sdpa-latent"), ("bank_of_values", {"kv_heads": 2}, "sdpa+embedding-gather")])
+def test_gpu_bf16_forward_and_decode_match_float64_cpu(type_name, opts, impl):
+    """Published-like widths (head_dim 128, rope 64, latent 512) in bf16 on CUDA, where SDPA's fused backends
+    run: forward and absorbed / cached decode against the same weights in float64 on the CPU."""
+    torch.manual_seed(0)
+    ref = build_layer(get_layer_type(type_name), 512, 4, 128, opts).to(torch.float64)
+    gpu = build_layer(get_layer_type(type_name), 512, 4, 128, opts)
+    gpu.load_state_dict(ref.state_dict())
+    gpu = gpu.to("cuda", torch.bfloat16)
+    x = torch.randn(2, 300, 512, dtype=torch.float64)
+    with torch.no_grad():
+        expected = ref(x)
+        y = gpu(x.to("cuda", torch.bfloat16))
+        assert gpu.implementation() == impl
+        assert_close_rel(y.cpu(), expected, dtype=torch.bfloat16)
+        streamed, _ = decode_all(gpu, x.to("cuda", torch.bfloat16), 151, capacity=300)
+        assert_close_rel(streamed.cpu(), expected, dtype=torch.bfloat16)
