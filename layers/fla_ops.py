@@ -19,9 +19,13 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+_FLA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def use_fla(x: torch.Tensor) -> bool:
-    """Whether the fla kernels run for input x: a CUDA tensor and fla installed."""
-    return x.is_cuda and fla_available()
+    """Whether the fla kernels run for x (the layer's accumulation-dtype q): a CUDA tensor of a dtype fla's
+    Triton kernels take (not float64), and fla installed."""
+    return x.is_cuda and x.dtype in _FLA_DTYPES and fla_available()
 
 
 def _btd(t: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ class RecurrentLayer(SequenceLayer):
         return delta_chunked(q, k, v, beta, g, scale, self.options.chunk_size, state)
 
     def implementation(self) -> str:
-        return "fla-chunk" if use_fla(torch.empty(0, device=self.device)) else "torch-chunked"
+        probe = torch.empty(0, device=self.device, dtype=self.accum_dtype)
+        return "fla-chunk" if use_fla(probe) else "torch-chunked"
 
     # --- the interface, on top of one `_run` per layer ---------------------------------------------------
     def _run(self, x: torch.Tensor, state: RecurrentState | None, recurrent: bool

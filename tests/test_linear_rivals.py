@@ -484,6 +484,108 @@ def test_cli_sweep_runs_every_linear_rival(tmp_path):
     assert all(r["impl"] == "torch-chunked" for r in rows)
 
 
+# --- the fla wrappers' plumbing, on CPU with stand-in kernels ---------------------------------------------
+def _fake_kernel(q, k, v, *, gk=None, g=None, beta=None, scale=None, initial_state=None):
+    """fla's documented semantics in its layout: q, k [B, T, H, K], v [B, T, H, V], log gates gk [B, T, H, K]
+    or g [B, T, H], beta [B, T, H], state [B, H, K, V] float32; o in q's dtype, final state float32."""
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    S = (initial_state if initial_state is not None
+         else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])).to(q.dtype)
+    outs = []
+    for t in range(q.shape[1]):
+        if gk is not None:
+            S = gk[:, t].to(S.dtype).exp()[..., None] * S
+        if g is not None:
+            S = g[:, t].to(S.dtype).exp()[..., None, None] * S
+        kt, vt = k[:, t], v[:, t]
+        if beta is not None:
+            vt = beta[:, t, :, None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, S))
+        S = S + kt[..., None] * vt[..., None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, dim=1).to(q.dtype), S.float()
+
+
+def _fake_fla_modules(calls):
+    """Stand-ins for fla.ops.{gla, simple_gla, gated_delta_rule} with fla 0.6's signatures."""
+    import types
+
+    def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
+                  cu_seqlens=None, cu_seqlens_cpu=None):
+        calls.append("chunk_gla")
+        return _fake_kernel(q, k, v, gk=g, scale=scale, initial_state=initial_state)
+
+    def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
+                            output_final_state=False, reverse=False, state_v_first=False, cu_seqlens=None,
+                            **kwargs):
+        calls.append("fused_recurrent_gla")
+        return _fake_kernel(q, k, v, gk=gk, scale=scale, initial_state=initial_state)
+
+    def simple(name):
+        def fn(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+               state_v_first=False, cu_seqlens=None, **kwargs):
+            calls.append(name)
+            return _fake_kernel(q, k, v, g=g, scale=scale, initial_state=initial_state)
+        return fn
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, **kwargs):
+        calls.append("chunk_gated_delta_rule")
+        return _fake_kernel(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state)
+
+    def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None,
+                                         initial_state=None, output_final_state=False, **kwargs):
+        calls.append("fused_recurrent_gated_delta_rule")
+        return _fake_kernel(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state)
+
+    modules = {name: types.ModuleType(name) for name in
+               ("fla", "fla.ops", "fla.ops.gla", "fla.ops.simple_gla", "fla.ops.gated_delta_rule")}
+    modules["fla.ops.gla"].__dict__.update(chunk_gla=chunk_gla, fused_recurrent_gla=fused_recurrent_gla)
+    modules["fla.ops.simple_gla"].__dict__.update(chunk_simple_gla=simple("chunk_simple_gla"),
+                                                  fused_recurrent_simple_gla=simple("fused_recurrent_simple_gla"))
+    modules["fla.ops.gated_delta_rule"].__dict__.update(
+        chunk_gated_delta_rule=chunk_gated_delta_rule,
+        fused_recurrent_gated_delta_rule=fused_recurrent_gated_delta_rule)
+    return modules
+
+
+@pytest.mark.parametrize("name,kernels", [
+    ("gla", ("chunk_gla", "fused_recurrent_gla")),
+    ("mamba2", ("chunk_simple_gla", "fused_recurrent_simple_gla")),
+    ("delta_net", ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")),
+    ("gated_delta_net", ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")),
+    ("retnet", ("chunk_simple_gla", "fused_recurrent_simple_gla")),
+])
+def test_fla_wrappers_pass_layout_gates_scale_and_state(name, kernels, monkeypatch):
+    """The GPU path's plumbing ([B, T, H, D] transposes, log gates, scale, initial and final state) checked on
+    CPU: with stand-ins implementing fla's documented semantics, the fla path equals the torch path."""
+    import sys
+
+    from ovqprof.layers import recurrent_base
+
+    layer = make(name)
+    x = rand(B, 19, D)
+    with torch.no_grad():
+        expected = layer(x)
+        calls: list[str] = []
+        for mod_name, mod in _fake_fla_modules(calls).items():
+            monkeypatch.setitem(sys.modules, mod_name, mod)
+        monkeypatch.setattr(recurrent_base, "use_fla", lambda t: True)
+        assert layer.implementation() == "fla-chunk"
+        # fla's gates and states are float32, so float32's tolerance; a layout slip is an O(1) error
+        assert_close_rel(layer(x), expected, dtype=torch.float32)
+        decoded, _ = decode_all(layer, x, 11)
+        assert_close_rel(decoded, expected, dtype=torch.float32)
+    assert set(calls) == set(kernels) and calls[0] == kernels[0]
+
+
+def test_fla_only_for_cuda_tensors_of_kernel_dtypes(monkeypatch):
+    from ovqprof.layers import fla_ops
+
+    monkeypatch.setattr(fla_ops, "fla_available", lambda: True)
+    assert not fla_ops.use_fla(torch.zeros(1))  # CPU: never, even with fla installed
+    assert make("gla").implementation() == "torch-chunked"
+
+
 # --- GPU: fla kernels against the PyTorch path ------------------------------------------------------------
 GPU_REASON = "needs a CUDA GPU and flash-linear-attention (pip install 'ovqprof[fla]') to compare fla kernels"
 
