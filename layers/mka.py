@@ -93,7 +93,7 @@ class MKA(SequenceLayer):
 
     kind = "mka"
     Options = MKAOptions
-    supports_cuda_graph = False  # a full cache grows by reallocation, like the softmax KV cache
+    supports_cuda_graph = True  # as for the softmax KV cache: static shapes when replayed from one state
     fused: ClassVar[bool] = False  # FastMKA mixes the levels before one attention
 
     def __init__(self, d_model: int, heads: int, head_dim: int, options: MKAOptions | None = None):
@@ -149,8 +149,7 @@ class MKA(SequenceLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[B, T, D] -> y[B, T, D]."""
         q, lam, k, v = self._core(x, self._ema(x))
-        o = F.scaled_dot_product_attention(q.unsqueeze(0).expand(k.shape[0], *q.shape), k, v, is_causal=True)
-        return self._mix(o, lam)
+        return self._mix(_attend(q, k, v, causal=True), lam)
 
     # --- decode --------------------------------------------------------------------------------------
     def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, MKACache]:
@@ -159,7 +158,7 @@ class MKA(SequenceLayer):
         B, T, _ = x.shape
         m = self._ema(x)
         q, lam, k, v = self._core(x, m)
-        o = F.scaled_dot_product_attention(q.unsqueeze(0).expand(k.shape[0], *q.shape), k, v, is_causal=True)
+        o = _attend(q, k, v, causal=True)
         cap = max(capacity or T, T)
         k_cache = k.new_zeros(*k.shape[:3], cap, self.head_dim)
         v_cache = torch.zeros_like(k_cache)
@@ -180,8 +179,7 @@ class MKA(SequenceLayer):
             k_cache, v_cache = _grow(k_cache), _grow(v_cache)
         k_cache[:, :, :, pos] = k[:, :, :, 0]
         v_cache[:, :, :, pos] = v[:, :, :, 0]
-        o = F.scaled_dot_product_attention(q.unsqueeze(0).expand(k.shape[0], *q.shape),
-                                           k_cache[:, :, :, :pos + 1], v_cache[:, :, :, :pos + 1])
+        o = _attend(q, k_cache[:, :, :, :pos + 1], v_cache[:, :, :, :pos + 1], causal=False)
         return self._mix(o, lam), MKACache(k_cache, v_cache, ema, pos + 1)
 
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -252,6 +250,15 @@ class FastMKA(MKA):
 
     kind = "mka"
     fused = True
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """q[B, H, M, dh], k, v[V', B, H, N, dh] -> o[V', B, H, M, dh]: SDPA per level with the levels folded into
+    the batch (4-D inputs keep SDPA on its fused kernels; 5-D or expanded ones fell back to the math path)."""
+    V, B = k.shape[:2]
+    q4 = q.unsqueeze(0).expand(V, *q.shape).reshape(V * B, *q.shape[1:]) if V > 1 else q
+    o = F.scaled_dot_product_attention(q4, k.flatten(0, 1), v.flatten(0, 1), is_causal=causal)
+    return o.view(V, *q.shape[:-1], v.shape[-1])
 
 
 def _grow(cache: torch.Tensor) -> torch.Tensor:

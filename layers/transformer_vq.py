@@ -76,8 +76,9 @@ class TransformerVQ(SequenceLayer):
 
     kind = "vq"
     Options = TransformerVQOptions
-    # step branches on the Python length (folding at block boundaries) and allocates a block there
-    supports_cuda_graph = False
+    # step branches on the Python length (folding at block boundaries), but a replay from one state always takes
+    # the same branch with the same shapes and syncs nothing with the host: capturable
+    supports_cuda_graph = True
 
     def __init__(self, d_model: int, heads: int, head_dim: int, options: TransformerVQOptions | None = None):
         super().__init__(d_model, heads, head_dim, options)
