@@ -403,6 +403,24 @@ def test_cost_model(name):
         assert layer.cost("fwd", B, 1280).flops > 2.5 * layer.cost("fwd", B, 640).flops
 
 
+def test_transformer_vq_fwd_flops_counted_key_by_key():
+    layer = make(TransformerVQ, codebook_size=S, block_size=L)
+    n = 20  # blocks of 8, 8 and 4
+    scores = 0
+    for t in range(n):  # each query scores its whole block (masked), the previous block and, from block 2, S codes
+        blk = t // L
+        scores += (min(n, (blk + 1) * L) - blk * L) + (L if blk >= 1 else 0) + (S if blk >= 2 else 0)
+    proj = B * n * (2 * D * 3 * H * DH + 2 * H * DH * D)
+    quantise = B * n * 2 * H * S * DH
+    fold = B * H * L * (DH + 1)  # block 0 folded once, before block 2
+    assert layer.cost("fwd", B, n).flops == proj + quantise + 4 * B * H * DH * scores + fold
+
+
+def test_mka_state_is_kv_caches_plus_one_ema_vector():
+    assert make(FastMKA).state_bytes(B, 50) == 2 * B * H * 50 * DH * 8 + B * D * 8
+    assert make(MKA).state_bytes(B, 50) == 2 * 2 * B * H * 50 * DH * 8 + B * D * 8
+
+
 def test_fast_mka_costs_less_than_mka():
     mka, fast = make(MKA), make(FastMKA)
     for mode in ("fwd", "bwd", "decode"):
