@@ -273,7 +273,7 @@ def test_softmax_reaches_95_percent_on_256_16_at_d_model_64():
     """The capacity-quick settings: softmax attention must recall (seq 256, 16 pairs) at d_model 64."""
     section = yaml.safe_load((ROOT / "profiles" / "capacity-quick.yaml").read_text())["capacity"]["mqar"]
     settings = MQARSettings(**{**section, "tasks": [{"seq": 256, "pairs": 16}], "d_model": 64})
-    layer = softmax_layer(d_model=64, heads=2, head_dim=32)
+    layer = softmax_layer(d_model=64, heads=2, head_dim=64)  # the profile's softmax layer
     rows: list[dict] = []
     run_mqar([layer], settings, torch.device("cpu"), rows.append, show_progress=False)
     assert rows[0]["status"] == "ok", rows[0]
