@@ -283,7 +283,8 @@ def _load_run_spec(profile, seq, modes, batch, layers, device):
 @user_errors
 def capacity(
     profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
-                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+                                          "profiles/ (default: capacity.yaml on a GPU, capacity-quick.yaml "
+                                          "otherwise)."),
     method: str = typer.Option("probe", help="probe (training-free associative-memory probe) or mqar "
                                   "(trained multi-query associative recall)."),
     pairs: str | None = typer.Option(None, help="Stored pairs N, overriding capacity.probe.pairs: 16..16k "
@@ -307,6 +308,10 @@ def capacity(
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
     check_method(method)
+    if profile is None:
+        default, why = _default_profile()
+        profile = "capacity" if default == "default" else "capacity-quick"
+        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
     spec, run_device = _load_run_spec(profile, None, None, None, layers, device)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=sys.stderr.isatty())

@@ -284,3 +284,11 @@ def test_cli_bad_mqar_field_in_yaml_names_file_line_and_field(tmp_path):
     result = runner.invoke(app, ["capacity", "--profile", str(spec), "--method", "mqar"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{spec}, line 7, field capacity.mqar.stepz: unknown key 'stepz'" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default; a GPU selects capacity.yaml")
+def test_cli_without_profile_uses_capacity_quick_on_cpu():
+    result = runner.invoke(app, ["capacity", "--layers", "softmax", "--pairs", "16", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "using capacity-quick.yaml (no GPU is visible)" in result.stderr
+    assert [r["layer"] for r in csv.DictReader(io.StringIO(result.stdout))] == ["softmax"]
