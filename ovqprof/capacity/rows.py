@@ -4,7 +4,8 @@ Both methods share these columns (the report reads them by name); a column a met
 (null). Units are in the names: `_bytes` bytes, `_s` seconds.
 
 method      probe (training-free associative-memory probe) or mqar (trained multi-query associative recall)
-layer, type, kind, dtype, device   the layer's name, registered type and family, math dtype, device
+layer, type, kind, dtype, device   the layer's name, registered type, family, dtype (its parameters'; linear
+            and OVQ layers do their math in float32 for fp16/bf16) and device
 keys        probe key distribution: gaussian or clustered
 gap         probe filler pairs written between the stored pairs and the reads
 seeds       the seeds averaged over, as a comma list ("0,1")
