@@ -15,7 +15,7 @@ Metrics per N, averaged over heads, queries and seeds:
   value's norm earns it nothing) among the N is the right one;
 - cosine: mean cosine(read, stored value); rel_error: mean ||read - v|| / ||v||.
 capacity@tau = the largest N with accuracy >= tau. Queries are read in blocks so that no call holds more
-than `block_elements` query x pair x head scores.
+than `block_elements` query x pair x head scores (default BLOCK_ELEMENTS by device type).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from ovqprof.spec import LayerSpec
 
 CLUSTERS = 8
 CLUSTER_NOISE = 0.5
+# Default bound on query x pair x head scores per probe call: 64 MiB of float32 on CPU, 1 GiB on a GPU.
+# Every call rewrites the pairs, so larger blocks mean fewer rewrites (what OVQ's chunk loop pays for).
+BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 def draw_keys(gen: torch.Generator, heads: int, n: int, dk: int, kind: str) -> torch.Tensor:
@@ -106,13 +109,14 @@ def probe_once(layer: SequenceLayer, keys: torch.Tensor, values: torch.Tensor, n
 def _probe_row(layer: SequenceLayer, n: int, settings: ProbeSettings, dk: int, dv: int,
                device: torch.device, base: dict) -> dict:
     started = time.perf_counter()
+    block_elements = settings.block_elements or BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
     row = empty_row(**base, pairs=n, state_bytes=_state_bytes(layer, n + settings.gap))
     try:
         total = Scores(0.0, 0.0, 0.0, 0)
         for seed in settings.seeds:
             keys, values = draw_pairs(seed, layer.heads, n, settings.gap, dk, dv, settings.keys)
             keys, values = (t.to(device=device, dtype=layer.dtype) for t in (keys, values))
-            total = total + probe_once(layer, keys, values, n, settings.block_elements)
+            total = total + probe_once(layer, keys, values, n, block_elements)
         row.update(accuracy=total.correct / total.reads, cosine=total.cosine / total.reads,
                    rel_error=total.rel_error / total.reads, status="ok")
     except NotImplementedError:

@@ -32,8 +32,9 @@ class ProbeSettings(BaseModel):
     tau: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="a number in (0, 1]")
     dtype: Literal["float32", "float64", "float16", "bfloat16"] | None = Field(
         None, description="float32, float64, float16, bfloat16 (default each layer's dtype)")
-    block_elements: StrictInt = Field(
-        1 << 24, ge=1, description="an integer >= 1: queries x stored pairs x heads per probe call (memory)")
+    block_elements: StrictInt | None = Field(
+        None, ge=1, description="an integer >= 1: queries x stored pairs x heads per probe call (memory); "
+                                "default 2^24 on CPU, 2^28 on a GPU")
 
     @field_validator("pairs", mode="before")
     @classmethod
