@@ -314,7 +314,8 @@ def capacity(
         err_console.print(f"no --profile given: using {profile}.yaml ({why})")
     spec, run_device = _load_run_spec(profile, None, None, None, layers, device)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
-                              format=format, output=output, show_progress=sys.stderr.isatty())
+                              format=format, output=output, show_progress=sys.stderr.isatty(),
+                              layers_from_cli=layers is not None)
     rows: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

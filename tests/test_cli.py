@@ -26,15 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 def _quick_cells() -> int:
-    """Cells of the quick profile (layers x modes x seq lengths x batches), as the sweep plans them."""
+    """Cells of the quick profile at the RESUME_SEQ lengths (layers x modes x lengths x batches)."""
     from ovqprof.spec import load_spec, resolve_profile
 
     spec = load_spec(resolve_profile("quick"))
     sweep = spec.sweep
     batches = sweep.batch if isinstance(sweep.batch, (list, tuple)) else [sweep.batch]
-    return len(spec.layers) * len(sweep.modes) * len(sweep.seq) * len(batches)
+    return len(spec.layers) * len(sweep.modes) * len(RESUME_SEQ) * len(batches)
 
 
+RESUME_SEQ = (256, 512)  # the lengths of SWEEP_ARGS below
 QUICK_CELLS = _quick_cells()
 
 runner = CliRunner()
@@ -132,7 +133,8 @@ def test_every_profile_loads_and_uses_registered_types(profile):
     assert all(entry["type"] in BUILTIN_LAYERS for entry in raw["layers"])
 
 
-SWEEP_ARGS = ["sweep", "--profile", "quick", "--no-roofline"]
+# Two lengths (RESUME_SEQ) keep the interrupted / resumed sweeps of the whole quick profile to a few minutes.
+SWEEP_ARGS = ["sweep", "--profile", "quick", "--no-roofline", "--seq", ",".join(map(str, RESUME_SEQ))]
 
 
 @pytest.mark.parametrize(("file", "line", "field", "fragments"), MALFORMED, ids=[c[0] for c in MALFORMED])
@@ -174,7 +176,7 @@ def _count_rows(path: Path) -> int:
 def _quick_cells() -> set[tuple]:
     spec = load_spec(ROOT / "profiles" / "quick.yaml")
     return {(layer.name, mode, seq, 1) for layer in spec.layers for mode in spec.sweep.modes
-            for seq in spec.sweep.seq}
+            for seq in RESUME_SEQ}
 
 
 def _resume(out: Path) -> subprocess.CompletedProcess:
@@ -189,8 +191,9 @@ def test_resume_completes_exactly_the_missing_cells(tmp_path, sig, suffix):
     code, stderr, out = _run_until_rows(tmp_path, 5, sig, suffix)
     assert code == (-9 if sig == signal.SIGKILL else 130), stderr
     if sig == signal.SIGINT:
-        assert f"Resume with: ovqprof sweep --profile quick --no-roofline --format {suffix} --resume {out}" \
-            in " ".join(stderr.split())
+        expected = (f"Resume with: ovqprof sweep --profile quick --no-roofline --seq 256,512 --format {suffix} "
+                    f"--resume {out}")
+        assert expected in " ".join(stderr.split())
     kept = _count_rows(out)
     assert 5 <= kept < QUICK_CELLS
     proc = _resume(out)

@@ -36,6 +36,7 @@ class CapacityRequest:
     format: str = "table"
     output: Path | None = None
     show_progress: bool = False
+    layers_from_cli: bool = False  # --layers was given: it wins over capacity.mqar.layers
 
 
 def check_method(method: str) -> None:
@@ -93,6 +94,18 @@ def mqar_settings(spec: Spec, request: CapacityRequest):
         raise _mqar_error(spec, exc, MQARSettings) from None
 
 
+def mqar_layers(spec: Spec, settings, request: CapacityRequest) -> list:
+    """The spec's layers MQAR trains: all, those of `capacity.mqar.layers`, or the command line's --layers."""
+    if settings.layers is None or request.layers_from_cli:
+        return list(spec.layers)
+    names = [layer.name for layer in spec.layers]
+    unknown = [name for name in settings.layers if name not in names]
+    if unknown:
+        raise UsageError(f"{spec.file}: capacity.mqar.layers names {', '.join(unknown)}, not a layer of the spec. "
+                         f"Allowed: names from the spec's layers: {', '.join(names)}")
+    return [layer for layer in spec.layers if layer.name in settings.layers]
+
+
 def _mqar_error(spec: Spec, exc: ValidationError, model: type) -> SpecError:
     """The first error of MQARSettings as a SpecError at the line of its key in `capacity.mqar`."""
     err = exc.errors()[0]
@@ -147,7 +160,7 @@ def run_capacity(spec: Spec, device: torch.device, header: dict, request: Capaci
         else:
             from ovqprof.capacity.mqar import run_mqar
 
-            run_mqar(list(spec.layers), settings, device, on_row, request.show_progress)
+            run_mqar(mqar_layers(spec, settings, request), settings, device, on_row, request.show_progress)
 
 
 def summary(rows: list[dict]) -> tuple[str, bool]:

@@ -88,6 +88,9 @@ class MQARSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup, in [0, 1)")
     seed: StrictInt = Field(0, ge=0, description="seed of data (train: seed, test: seed + 10) and weights")
     power_a: float = Field(0.01, gt=0, le=1, description="gap law p(g) ~ (g+1)^(a-1), a in (0, 1]; 1 = uniform")
+    layers: tuple[str, ...] | None = Field(
+        None, min_length=1, description="names of the spec's layers to train (default: all of them); the "
+        "command line's --layers wins over this list")
 
     @model_validator(mode="after")
     def _valid(self) -> MQARSettings:
