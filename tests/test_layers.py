@@ -208,9 +208,15 @@ def test_gradients_finite_and_nonzero(cls, name, opts):
     x = rand_x(10).requires_grad_(True)
     weights = rand_x(10, seed=2)
     (layer(x) * weights).sum().backward()
+    # With a window of 1 each token attends only to itself: its softmax weight is exactly 1, so q and k get
+    # no gradient at all (a nonzero one would be numerical noise, not a signal).
+    dead = {"q_proj.weight", "k_proj.weight"} if opts.get("window") == 1 else set()
     for pname, p in [*layer.named_parameters(), ("x", x)]:
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, pname
+        if pname in dead:
+            assert p.grad.abs().max() < 1e-12, pname
+        else:
+            assert p.grad.abs().sum() > 0, pname
 
 
 @pytest.mark.parametrize("cls,opts", [(SoftmaxAttention, {"kv_heads": 1, "window": 2}),
