@@ -19,6 +19,7 @@ from torch import nn
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
 from ovqprof.kernels.ovq.config import triton_unsupported
 from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer, write
+from ovqprof.kernels.ovq.unit_norm import unit_norm
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -137,9 +138,17 @@ class OVQAttention(SequenceLayer):
         return self.options.impl == "triton" or self.device.type == "cuda"
 
     def _kernel_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v for the kernels: normalised in float32, then in the layer dtype (bf16 operands, float32
-        accumulation and dictionary inside the kernels)."""
-        return tuple(t.to(self.dtype).contiguous() for t in self.project(x))
+        """q, k, v [B, H, T, dh] for the kernels in the layer dtype (bf16 operands, float32 accumulation and
+        dictionary inside the kernels); q, k normalised in float32 by `unit_norm`, which saves only the
+        layer-dtype projection for the backward (not a float32 copy: half the bytes for bf16)."""
+        B, T, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(self.dtype)
+
+        q = unit_norm(heads(self.q_proj(x))).contiguous()
+        k = unit_norm(heads(self.k_proj(x))).contiguous()
+        return q, k, heads(self.v_proj(x)).contiguous()
 
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,25 @@ def test_layer_triton_matches_reference_and_streams(dtype, growth):
     assert state.written == 64 and state.active == active_after(tri.config, 75)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_triton_gradients_match_reference(dtype):
+    """Through the whole layer (projections, unit_norm, kernels, gradients stored in the layer dtype)."""
+    torch.manual_seed(53)
+    opts = dict(dict_size=N, chunk_size=L, learn_beta=True)
+    ref = OVQAttention(64, 2, 32, OVQOptions(impl="reference", **opts)).to(DEVICE, dtype)
+    tri = OVQAttention(64, 2, 32, OVQOptions(impl="triton", **opts)).to(DEVICE, dtype)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(54)).to(DEVICE, dtype)
+    w = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(55)).to(DEVICE, dtype)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    (tri(xs[0]).float() * w.float()).sum().backward()
+    (ref(xs[1]).float() * w.float()).sum().backward()
+    tol = tolerance_for(dtype)
+    assert xs[0].grad.dtype == dtype and rel_rms_error(xs[0].grad, xs[1].grad) <= tol
+    for (name, got), want in zip(tri.named_parameters(), ref.parameters(), strict=True):
+        assert rel_rms_error(got.grad, want.grad) <= tol, name
+
+
 def test_layer_rejects_triton_for_unsupported_shapes():
     from ovqprof.layers.base import LayerConfigError
 

@@ -104,16 +104,28 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
         dbeta += tl.sum(tl.sum(ds * qk, axis=1), axis=0)
         dk_acc += beta * _dot(tl.trans(ds).to(q.dtype), q, IEEE)
         dv_acc += _dot(tl.trans(p).to(do.dtype), do, IEEE)
-        tl.store(DQ + bh * T * DK + pos[:, None] * DK + dk[None, :], dq, mask=valid[:, None])
-        tl.store(DKO + bh * T * DK + pos[:, None] * DK + dk[None, :], dk_acc, mask=valid[:, None])
-        tl.store(DVO + bh * T * DV + pos[:, None] * DV + dv[None, :], dv_acc, mask=valid[:, None])
+        out_k = pos[:, None] * DK + dk[None, :]
+        out_v = pos[:, None] * DV + dv[None, :]
+        tl.store(DQ + bh * T * DK + out_k, dq.to(DQ.dtype.element_ty), mask=valid[:, None])
+        tl.store(DKO + bh * T * DK + out_k, dk_acc.to(DKO.dtype.element_ty), mask=valid[:, None])
+        tl.store(DVO + bh * T * DV + out_v, dv_acc.to(DVO.dtype.element_ty), mask=valid[:, None])
         tl.debug_barrier()
     tl.store(DBETA + bh, dbeta)
 
 
+def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, rows_per_block: int = 1 << 16) -> torch.Tensor:
+    """sum(a * b, -1) in float32 for a, b [B, H, T, d] -> [B, H, T], in blocks of rows so the float32
+    copies stay small (whole-tensor copies would be 2 x 512 MiB at B=1, H=16, T=64k, d=128)."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    out = torch.empty(a2.shape[0], dtype=torch.float32, device=a.device)
+    for r in range(0, a2.shape[0], rows_per_block):
+        out[r:r + rows_per_block] = (a2[r:r + rows_per_block].float() * b2[r:r + rows_per_block].float()).sum(-1)
+    return out.view(a.shape[:-1])
+
+
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,
                         num_warps: int = 8, dict_tf32: bool = True):
-    """Gradients (dq, dk, dv [B, H, T, d] float32, dbeta [H] float32) of the core's output o given do.
+    """Gradients (dq, dk, dv [B, H, T, d] in the dtype of q, k, v; dbeta [H] float32) of the core's output o given do.
     sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
@@ -121,10 +133,12 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     n_chunks, n_write = -(-T // L), T // L
     dev = q.device
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
-    delta = (do.float() * o.float()).sum(-1).contiguous()
-    dq = torch.empty(B, H, T, DK, dtype=torch.float32, device=dev)
+    delta = _rowwise_dot_f32(do, o)
+    # Stored in the input dtype (the kernel accumulates in float32 and casts on store): float32 gradients
+    # plus their casts would hold 1.5x the bytes of q, k, v at the backward's peak.
+    dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)
     dk_ = torch.empty_like(dq)
-    dv_ = torch.empty(B, H, T, DV, dtype=torch.float32, device=dev)
+    dv_ = torch.empty(B, H, T, DV, dtype=v.dtype, device=dev)
     dbeta = torch.empty(B * H, dtype=torch.float32, device=dev)
     through = cfg.grad_through_state
     gk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
