@@ -327,3 +327,12 @@ def test_noisy_timings_are_named(tmp_path):
     text = report_text(out)
     assert "Noisy timings: 1 successful rows have a spread ms_p80 / ms_p20 above 2" in text
     assert text.rstrip().endswith(": A fwd T=256 (5x).")
+
+
+def test_pareto_labels_of_coinciding_points_are_merged():
+    from ovqprof.report.plots import label_groups
+
+    pts = [ParetoPoint("gla", 32768, 128), ParetoPoint("mamba2", 35840, 128), ParetoPoint("lin", 32768, 128),
+           ParetoPoint("swa", 131072, 128), ParetoPoint("retnet", 32768, 32)]
+    groups = {text: (a.state_bytes, a.capacity) for a, text in label_groups(pts)}
+    assert groups == {"retnet": (32768, 32), "gla, lin, mamba2": (32768, 128), "swa": (131072, 128)}

@@ -136,6 +136,19 @@ def recall_plot(acc: Series, taus: list[float], path: Path, order: list[str]) ->
     return _finish(fig, path)
 
 
+def label_groups(points: list[ParetoPoint], ratio: float = 1.3) -> list[tuple[ParetoPoint, str]]:
+    """One annotation per cluster of points that would print over each other: the same capacity and state
+    bytes within `ratio` of the cluster's first point (log axes). Returns (anchor, "a, b, c") pairs."""
+    groups: list[list[ParetoPoint]] = []
+    for p in sorted(points, key=lambda p: (p.capacity, p.state_bytes)):
+        g = groups[-1] if groups else None
+        if g and g[0].capacity == p.capacity and p.state_bytes <= g[0].state_bytes * ratio:
+            g.append(p)
+        else:
+            groups.append([p])
+    return [(g[0], ", ".join(p.label for p in g)) for g in groups]
+
+
 def pareto_plot(points: list[ParetoPoint], tau: float, path: Path, order: list[str]) -> Path:
     fig, (ax,) = _figure(1)
     front = pareto_front(points)
@@ -144,7 +157,9 @@ def pareto_plot(points: list[ParetoPoint], tau: float, path: Path, order: list[s
         on = p in front
         ax.scatter([p.state_bytes], [p.capacity], s=80 if on else 40, color=s["color"], marker=s["marker"],
                    edgecolors="black" if on else "none", linewidths=1.5, zorder=3, label=p.label)
-        ax.annotate(p.label, (p.state_bytes, p.capacity), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for anchor, text in label_groups(points):
+        ax.annotate(text, (anchor.state_bytes, anchor.capacity), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
     if front:  # staircase: the most capacity reachable with at most this much state
         xs = [p.state_bytes for p in front]
         ys = [p.capacity for p in front]
