@@ -454,3 +454,19 @@ def resolve_profile(name_or_path: str) -> Path:
     available = ", ".join(available_profiles()) or "none installed"
     raise UsageError(f"no spec file or profile named {name_or_path!r}. "
                      f"Allowed: a path to a YAML spec or a profile name ({available}).")
+
+
+def profile_label(path: str | Path) -> str:
+    """How a result header names its spec: `profiles/NAME.yaml` for a packaged profile, a path relative to the
+    working directory when the file is under it, else the path as given (no machine paths for the common
+    cases, so result files can be shared and committed)."""
+    path = Path(path)
+    packaged = _packaged_profiles()
+    try:
+        if packaged is not None and path.resolve().parent == Path(str(packaged)).resolve():
+            return f"profiles/{path.name}"
+        if path.is_absolute():
+            return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (OSError, ValueError):  # not under the working directory
+        pass
+    return str(path)

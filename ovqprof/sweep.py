@@ -14,7 +14,7 @@ import torch
 
 from ovqprof.cell import Cell, CellSettings, measure_cell
 from ovqprof.rows import NOTE_CPU_MEMORY, NOTE_NO_PEAKS
-from ovqprof.spec import Spec, torch_dtype
+from ovqprof.spec import Spec, profile_label, torch_dtype
 from ovqprof.worker import measure_cell_isolated
 
 
@@ -48,7 +48,7 @@ def start_run(spec: Spec, run_device: torch.device, header: dict, *, roofline: b
     budgets, device peaks (measured here when `roofline`) and run-wide notes; return the cell settings."""
     from ovqprof.measure.peaks import measure_peaks
 
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=profile_label(spec.file),
                   isolate=isolate)
     # What was measured, so a later `ovqprof check` can tell whether the same layers are being compared.
     header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]

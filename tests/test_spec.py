@@ -318,3 +318,17 @@ def test_shipped_profiles_resolve_by_name_and_load(profile, monkeypatch):
     path = resolve_profile(profile)
     assert path == Path("profiles") / f"{profile}.yaml"
     assert load_spec(path).name
+
+
+def test_profile_label_names_packaged_and_local_profiles_without_machine_paths(tmp_path, monkeypatch):
+    from ovqprof.spec import profile_label, resolve_profile
+
+    monkeypatch.chdir(tmp_path)  # no ./profiles here: `quick` resolves to the installed copy
+    assert profile_label(resolve_profile("quick")) == "profiles/quick.yaml"
+    (tmp_path / "sub").mkdir()
+    mine = tmp_path / "sub" / "mine.yaml"
+    mine.write_text("x")
+    assert profile_label(mine) == "sub/mine.yaml"
+    assert profile_label("sub/mine.yaml") == "sub/mine.yaml"
+    elsewhere = tmp_path.parent / "elsewhere.yaml"
+    assert profile_label(elsewhere) == str(elsewhere)

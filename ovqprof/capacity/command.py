@@ -20,7 +20,7 @@ from ovqprof.capacity.settings import KEY_KINDS, PAIRS_FORMS, ProbeSettings
 from ovqprof.errors import SpecError, UsageError
 from ovqprof.output import RowWriter, check_output_writable
 from ovqprof.ranges import RangeError, parse_seq_range
-from ovqprof.spec import Spec
+from ovqprof.spec import Spec, profile_label
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _mqar_error(spec: Spec, exc: ValidationError, model: type) -> SpecError:
 def capacity_header(header: dict, spec: Spec, method: str, settings: object) -> dict:
     """The JSON header: machine_info plus the run's date, profile, method, settings and layer specs."""
     header = dict(header)
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=str(spec.file),
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=profile_label(spec.file),
                   method=method)
     header["settings"] = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
     header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
