@@ -137,18 +137,21 @@ class OVQAttention(SequenceLayer):
             return False
         return self.options.impl == "triton" or self.device.type == "cuda"
 
-    def _kernel_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kernel_inputs(self, x: torch.Tensor, normalize: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, T, dh] for the kernels in the layer dtype (bf16 operands, float32 accumulation and
         dictionary inside the kernels); q, k normalised in float32 by `unit_norm`, which saves only the
-        layer-dtype projection for the backward (not a float32 copy: half the bytes for bf16)."""
+        layer-dtype projection for the backward (not a float32 copy: half the bytes for bf16), or left raw
+        (views of the projections) when normalize is False."""
         B, T, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(self.dtype)
 
-        q = unit_norm(heads(self.q_proj(x))).contiguous()
-        k = unit_norm(heads(self.k_proj(x))).contiguous()
-        return q, k, heads(self.v_proj(x)).contiguous()
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)).contiguous()
+        if not normalize:
+            return q, k, v
+        return unit_norm(q).contiguous(), unit_norm(k).contiguous(), v
 
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +159,9 @@ class OVQAttention(SequenceLayer):
         if self.uses_triton:
             from ovqprof.kernels.ovq.backward import ovq_core_triton
 
-            o = ovq_core_triton(*self._kernel_inputs(x), self.beta.float(), self.config)
+            # Raw q, k: the Function normalises them itself and keeps one copy of each for the backward.
+            o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
+                                normalize_qk=True)
         else:
             o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
         return self._output(o, x.dtype)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .config import OVQConfig
 from .forward import _dict_dot, _dot, _slot_tile, exact_dots, ovq_forward_triton, schedule_tensors
+from .unit_norm import unit_norm_backward, unit_norm_forward
 
 
 @triton.jit
@@ -157,27 +158,40 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
 
 
 class OVQCoreFunction(torch.autograd.Function):
-    """o = OVQ core(q, k, v, beta) with the Triton forward and backward kernels (q, k unit-norm [B, H, T, dk],
-    v [B, H, T, dv], beta [H]). The final dictionary is available as `ctx`-free extra outputs: use
-    `ovq_forward_triton` directly when the state is needed (prefill)."""
+    """o = OVQ core(q, k, v, beta) with the Triton forward and backward kernels (q, k [B, H, T, dk],
+    v [B, H, T, dv], beta [H]). With normalize_qk the Function L2-normalises q and k itself (float32 math) and
+    saves the raw q, k, recomputing the unit vectors in the backward: one copy of each instead of two (raw
+    for the normalisation's backward plus unit for the kernels'). Without it, q and k must be unit-norm.
+    The final dictionary is not an output: use `ovq_forward_triton` directly when the state is needed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, cfg: OVQConfig):
-        o, lse, z, sk, sv, cnt = ovq_forward_triton(q, k, v, beta, cfg)
+    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False):
+        qn, kn = (_unit(q), _unit(k)) if normalize_qk else (q, k)
+        o, lse, z, sk, sv, cnt = ovq_forward_triton(qn, kn, v, beta, cfg)
         ctx.save_for_backward(q, k, v, o, lse, z, beta, sk, sv, cnt)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.normalize_qk = cfg, normalize_qk
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, z, beta, sk, sv, cnt = ctx.saved_tensors
-        dq, dk, dv, dbeta = ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg)
+        qn, kn = (_unit(q), _unit(k)) if ctx.normalize_qk else (q, k)
+        dq, dk, dv, dbeta = ovq_backward_triton(qn, kn, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg)
+        del qn, kn
+        if ctx.normalize_qk:
+            dq, dk = unit_norm_backward(q, dq), unit_norm_backward(k, dk)
         need = ctx.needs_input_grad
         return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
-                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None)
+                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """t / |t| along the last dim (float32 math) in t's dtype, contiguous for the kernels."""
+    return unit_norm_forward(t, t.dtype).contiguous()
 
 
 def ovq_core_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                    cfg: OVQConfig) -> torch.Tensor:
-    """Differentiable core output o [B, H, T, dv] through the Triton kernels."""
-    return OVQCoreFunction.apply(q, k, v, beta, cfg)
+                    cfg: OVQConfig, normalize_qk: bool = False) -> torch.Tensor:
+    """Differentiable core output o [B, H, T, dv] through the Triton kernels; q and k unit-norm, or raw with
+    normalize_qk (normalised inside, see OVQCoreFunction)."""
+    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk)

@@ -21,27 +21,34 @@ def _norm_f32(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.linalg.vector_norm(_wide(x), dim=-1, keepdim=True).clamp_min(eps)
 
 
-class UnitNormFunction(torch.autograd.Function):
-    """y = x / max(|x|, eps) along the last dim, math in float32, y in `out_dtype`.
+def unit_norm_forward(x: torch.Tensor, out_dtype: torch.dtype, eps: float = 1e-12) -> torch.Tensor:
+    """x[..., d] / max(|x|, eps) with float32 (or wider) math, in out_dtype; no autograd."""
+    return (_wide(x) / _norm_f32(x, eps)).to(out_dtype)
 
-    Backward: with u = x / n, dx = (dy - u (u . dy)) / n where |x| > eps, and dy / eps where the clamp is active
-    (the same gradient as F.normalize)."""
+
+def unit_norm_backward(x: torch.Tensor, dy: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """dL/dx in x's dtype given dL/dy for y = x / max(|x|, eps): with u = x / n, (dy - u (u . dy)) / n where
+    |x| > eps, dy / eps where the clamp is active (the same gradient as F.normalize)."""
+    n = _norm_f32(x, eps)
+    u = _wide(x) / n
+    dy = _wide(dy)
+    clamped = n <= eps
+    return (torch.where(clamped, dy, dy - u * (u * dy).sum(-1, keepdim=True)) / n).to(x.dtype)
+
+
+class UnitNormFunction(torch.autograd.Function):
+    """y = x / max(|x|, eps) along the last dim, math in float32, y in `out_dtype`; saves only x."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_dtype: torch.dtype, eps: float) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.eps = eps
-        return (_wide(x) / _norm_f32(x, eps)).to(out_dtype)
+        return unit_norm_forward(x, out_dtype, eps)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
-        n = _norm_f32(x, ctx.eps)
-        u = _wide(x) / n
-        dy = _wide(dy)
-        clamped = n <= ctx.eps
-        dx = torch.where(clamped, dy, dy - u * (u * dy).sum(-1, keepdim=True)) / n
-        return dx.to(x.dtype), None, None
+        return unit_norm_backward(x, dy, ctx.eps), None, None
 
 
 def unit_norm(x: torch.Tensor, out_dtype: torch.dtype | None = None, eps: float = 1e-12) -> torch.Tensor:
