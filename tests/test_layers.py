@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decode_helpers import decode_all
 from pydantic import ValidationError
 
 from ovqprof.layers.base import LayerConfigError, tensor_bytes
@@ -107,14 +108,6 @@ def test_linear_chunked_matches_recurrence(name, chunk, T):
 
 
 # --- decode against forward ----------------------------------------------------------------------------
-def decode_all(layer, x, prefix, capacity=None):
-    """Prefill x[:, :prefix], then step through the rest; returns the concatenated outputs."""
-    y, state = layer.prefill(x[:, :prefix], capacity)
-    outs = [y]
-    for t in range(prefix, x.shape[1]):
-        y_t, state = layer.step(x[:, t:t + 1], state)
-        outs.append(y_t)
-    return torch.cat(outs, dim=1), state
 
 
 @pytest.mark.parametrize("cls,name,opts", ALL_CONFIGS, ids=ALL_IDS)

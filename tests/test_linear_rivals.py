@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from decode_helpers import decode_all
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -68,14 +69,6 @@ def rand(*shape, dtype=torch.float64, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def decode_all(layer, x, prefix):
-    """Prefill x[:, :prefix], then one `step` per remaining token: concatenated outputs, final state."""
-    y, state = layer.prefill(x[:, :prefix])
-    outs = [y]
-    for t in range(prefix, x.shape[1]):
-        y_t, state = layer.step(x[:, t:t + 1], state)
-        outs.append(y_t)
-    return torch.cat(outs, dim=1), state
 
 
 # --- naive references, written from the definitions -------------------------------------------------------

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decode_helpers import decode_all
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -67,14 +68,6 @@ def rand_x(T, dtype=torch.float64, batch=B, seed=1):
     return torch.randn(batch, T, D, generator=g, dtype=dtype)
 
 
-def decode_all(layer, x, prefix, capacity=None):
-    """Prefill x[:, :prefix], then one step per remaining token; the concatenated outputs and last state."""
-    y, state = layer.prefill(x[:, :prefix], capacity)
-    outs = [y]
-    for t in range(prefix, x.shape[1]):
-        y_t, state = layer.step(x[:, t:t + 1], state)
-        outs.append(y_t)
-    return torch.cat(outs, dim=1), state
 
 
 # --- forward against naive references (explicit T x T softmax, no SDPA) --------------------------------

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from decode_helpers import decode_all
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -52,14 +53,6 @@ def rand_x(n, dtype=torch.float64, batch=B, seed=1):
     return torch.randn(batch, n, D, generator=g, dtype=dtype)
 
 
-def decode_all(layer, x, prefix, capacity=None):
-    """Prefill x[:, :prefix], then step through the rest; returns the concatenated outputs and the state."""
-    y, state = layer.prefill(x[:, :prefix], capacity)
-    outs = [y]
-    for t in range(prefix, x.shape[1]):
-        y_t, state = layer.step(x[:, t:t + 1], state)
-        outs.append(y_t)
-    return torch.cat(outs, dim=1), state
 
 
 def naive_attention(q, k, v):
