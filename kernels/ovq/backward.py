@@ -114,14 +114,15 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
     tl.store(DBETA + bh, dbeta)
 
 
-def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, rows_per_block: int = 1 << 16) -> torch.Tensor:
-    """sum(a * b, -1) in float32 for a, b [B, H, T, d] -> [B, H, T], in blocks of rows so the float32
-    copies stay small (whole-tensor copies would be 2 x 512 MiB at B=1, H=16, T=64k, d=128)."""
-    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    out = torch.empty(a2.shape[0], dtype=torch.float32, device=a.device)
-    for r in range(0, a2.shape[0], rows_per_block):
-        out[r:r + rows_per_block] = (a2[r:r + rows_per_block].float() * b2[r:r + rows_per_block].float()).sum(-1)
-    return out.view(a.shape[:-1])
+def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, elements_per_block: int = 1 << 24) -> torch.Tensor:
+    """sum(a * b, -1) in float32 for a, b [B, H, T, d] of any strides -> [B, H, T], in blocks along T so the
+    float32 copies stay small (whole-tensor copies would be 2 x 512 MiB at B=1, H=16, T=64k, d=128)."""
+    B, H, T, d = a.shape
+    out = torch.empty(B, H, T, dtype=torch.float32, device=a.device)
+    step = max(1, elements_per_block // max(1, B * H * d))
+    for t in range(0, T, step):
+        out[:, :, t:t + step] = (a[:, :, t:t + step].float() * b[:, :, t:t + step].float()).sum(-1)
+    return out
 
 
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,

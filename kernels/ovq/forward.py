@@ -68,7 +68,7 @@ def _slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: t
 
 @triton.jit
 def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
-                   T, H, N, n_write, n_chunks,
+                   T, H, N, n_write, n_chunks, so_b, so_h, so_t,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                    SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
                    DICT_TF32: tl.constexpr):
@@ -134,7 +134,8 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
         acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
         o = acc / l_i[:, None]
-        tl.store(OUT + bh * T * DV + pos[:, None] * DV + dv[None, :], o.to(OUT.dtype.element_ty), mask=valid[:, None])
+        o_ptr = OUT + (bh // H) * so_b + h * so_h + pos[:, None] * so_t + dv[None, :]
+        tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=valid[:, None])
         tl.store(LSE + bh * T + pos, m_i + tl.log(l_i), mask=valid)
         if c < n_write:
             m_sp = tl.load(MSPAWN + c)
@@ -199,7 +200,7 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
                        block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 1):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
-    Returns o [B, H, T, dv] (input dtype), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
+    Returns o [B, H, T, dv] (input dtype; a transposed view of [B, T, H, dv] memory), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
     and the dictionary sums S_k [B, H, N, dk], S_v [B, H, N, dv], counts [B, H, N] (float32).
     """
     B, H, T, DK = q.shape
@@ -215,13 +216,15 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     sk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev)
     sv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev)
     cnt = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
-    o = torch.empty(B, H, T, DV, dtype=q.dtype, device=dev)
+    # o [B, H, T, dv] as a view of [B, T, H, dv] memory: the layer's output projection then reads it without
+    # a transposed copy, so autograd keeps one o (the Function's) rather than two.
+    o = torch.empty(B, T, H, DV, dtype=q.dtype, device=dev).transpose(1, 2)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     z = torch.empty(B, H, max(n_write * L, 1), dtype=torch.int32, device=dev)
     bn = max(16, min(block_slots, triton.next_power_of_2(N)))
     ovq_fwd_kernel[(B * H,)](
         q, k, v, beta.to(torch.float32).contiguous(), sk, sv, cnt, nact, msp, ranks, o, lse, z,
-        T, H, N, n_write, n_chunks,
+        T, H, N, n_write, n_chunks, o.stride(0), o.stride(1), o.stride(2),
         L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread, NORMALIZE=cfg.normalize_centroids,
         IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps,
         num_stages=num_stages)
