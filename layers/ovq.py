@@ -112,14 +112,19 @@ class OVQAttention(SequenceLayer):
         """Active dictionary slots after `tokens` tokens (partial chunks are not yet written)."""
         return active_after(self.config, tokens)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x[B, T, D] -> unit-norm q, k and v [B, H, T, dh] in the math dtype."""
+    def _projected_heads(self, x: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x[B, T, D] -> raw q, k, v [B, H, T, dh] in `dtype` (transposed views of the projections)."""
         B, T, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(self.accum_dtype)
+            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(dtype)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x[B, T, D] -> unit-norm q, k and v [B, H, T, dh] in the math dtype."""
+        q, k, v = self._projected_heads(x, self.accum_dtype)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
 
     def _output(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -140,18 +145,13 @@ class OVQAttention(SequenceLayer):
     def _kernel_inputs(self, x: torch.Tensor, normalize: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, T, dh] for the kernels in the layer dtype (bf16 operands, float32 accumulation and
-        dictionary inside the kernels); q, k normalised in float32 by `unit_norm`, which saves only the
-        layer-dtype projection for the backward (not a float32 copy: half the bytes for bf16), or left raw
-        (views of the projections) when normalize is False."""
-        B, T, _ = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.heads, self.head_dim).transpose(1, 2).to(self.dtype)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)).contiguous()
+        dictionary inside the kernels). q, k are normalised in float32 by `unit_norm` (prefill and decode),
+        or left raw when normalize is False (the training forward: OVQCoreFunction normalises them itself
+        and keeps one copy of each)."""
+        q, k, v = self._projected_heads(x, self.dtype)
         if not normalize:
-            return q, k, v
-        return unit_norm(q).contiguous(), unit_norm(k).contiguous(), v
+            return q, k, v.contiguous()
+        return unit_norm(q).contiguous(), unit_norm(k).contiguous(), v.contiguous()
 
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,6 @@ class OVQAttention(SequenceLayer):
         if self.uses_triton:
             from ovqprof.kernels.ovq.backward import ovq_core_triton
 
-            # Raw q, k: the Function normalises them itself and keeps one copy of each for the backward.
             o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
                                 normalize_qk=True)
         else:

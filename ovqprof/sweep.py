@@ -48,8 +48,8 @@ def start_run(spec: Spec, run_device: torch.device, header: dict, *, roofline: b
     budgets, device peaks (measured here when `roofline`) and run-wide notes; return the cell settings."""
     from ovqprof.measure.peaks import measure_peaks
 
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=profile_label(spec.file),
-                  isolate=isolate)
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  profile=profile_label(spec.file), isolate=isolate)
     # What was measured, so a later `ovqprof check` can tell whether the same layers are being compared.
     header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
     header["timing"] = {"warmup_ms": spec.sweep.warmup_ms, "rep_ms": spec.sweep.rep_ms,

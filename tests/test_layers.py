@@ -108,8 +108,6 @@ def test_linear_chunked_matches_recurrence(name, chunk, T):
 
 
 # --- decode against forward ----------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("cls,name,opts", ALL_CONFIGS, ids=ALL_IDS)
 @pytest.mark.parametrize("T", [1, 7, 63, 100])
 def test_decode_matches_forward(cls, name, opts, T):

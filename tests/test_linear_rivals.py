@@ -69,8 +69,6 @@ def rand(*shape, dtype=torch.float64, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-
-
 # --- naive references, written from the definitions -------------------------------------------------------
 def naive_decay(q, k, v, g, scale):
     """S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = scale * q_t^T S_t, one (batch, head) at a time."""

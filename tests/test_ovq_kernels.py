@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from autograd_helpers import saved_storage_bytes
 
 from ovqprof.kernels.ovq import OVQConfig, active_after, ovq_chunked
 from ovqprof.kernels.ovq.reference import centroid_keys, read
@@ -172,19 +173,13 @@ def test_layer_triton_forward_saves_each_activation_once():
     """What autograd keeps from the layer's forward, in bf16 [B, T, H*dh]-sized storages: x, raw q and k, v,
     and o (5: the kernel writes o in [B, T, H, dv] memory, so o_proj's input is a view of it); no float32
     copies and no second (unit-norm) copy of q and k."""
-    layer = OVQAttention(64, 2, 32, OVQOptions(impl="triton", dict_size=N, chunk_size=L)).to(DEVICE, torch.bfloat16)
+    opts = OVQOptions(impl="triton", dict_size=N, chunk_size=L)
+    layer = OVQAttention(64, 2, 32, opts).to(DEVICE, torch.bfloat16)
     x = torch.randn(1, 70, 64, generator=torch.Generator().manual_seed(56)).to(DEVICE, torch.bfloat16)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x.requires_grad_())
+    saved = saved_storage_bytes(layer, x.requires_grad_())
     unit = x.numel() * 2
-    assert sorted(storages.values()).count(unit) == 5
-    assert not [b for b in storages.values() if b == 2 * unit]  # a float32 copy of an activation
+    assert saved.count(unit) == 5
+    assert not [b for b in saved if b == 2 * unit]  # a float32 copy of an activation
 
 
 def test_layer_rejects_triton_for_unsupported_shapes():

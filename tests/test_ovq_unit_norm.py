@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from autograd_helpers import saved_storage_bytes
 
 from ovqprof.kernels.ovq.unit_norm import unit_norm
 from ovqprof.tolerances import rel_rms_error, tolerance_for
@@ -42,22 +43,9 @@ def test_out_dtype_is_honoured():
     assert unit_norm(_x(torch.bfloat16), torch.float32).dtype == torch.float32
 
 
-def _saved_bytes(fn, x: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd saves while running fn(x)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(seen.values())
-
-
 def test_saves_only_the_bf16_input_not_a_float32_copy():
     x = _x(torch.bfloat16, (1, 4, 256, 64)).requires_grad_()
-    ours = _saved_bytes(unit_norm, x)
-    old = _saved_bytes(lambda t: F.normalize(t.float(), dim=-1).to(torch.bfloat16), x)
+    ours = sum(saved_storage_bytes(unit_norm, x))
+    old = sum(saved_storage_bytes(lambda t: F.normalize(t.float(), dim=-1).to(torch.bfloat16), x))
     assert ours == x.numel() * 2          # the bf16 input, nothing else
     assert old >= x.numel() * 4           # the float32 copy the layer used to keep alive

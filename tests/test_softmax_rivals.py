@@ -68,8 +68,6 @@ def rand_x(T, dtype=torch.float64, batch=B, seed=1):
     return torch.randn(batch, T, D, generator=g, dtype=dtype)
 
 
-
-
 # --- forward against naive references (explicit T x T softmax, no SDPA) --------------------------------
 def causal_softmax(q, k, v, scale):
     """q[B, H, T, d], k[B, H, T, d], v[B, H, T, dv] -> explicit masked softmax attention [B, H, T, dv]."""

@@ -53,8 +53,6 @@ def rand_x(n, dtype=torch.float64, batch=B, seed=1):
     return torch.randn(batch, n, D, generator=g, dtype=dtype)
 
 
-
-
 def naive_attention(q, k, v):
     """Explicit T x T causal softmax, q, k, v[B, H, T, dh]."""
     n = q.shape[2]

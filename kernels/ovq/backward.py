@@ -127,7 +127,8 @@ def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, elements_per_block: int =
 
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,
                         num_warps: int = 8, dict_tf32: bool = True):
-    """Gradients (dq, dk, dv [B, H, T, d] in the dtype of q, k, v; dbeta [H] float32) of the core's output o given do.
+    """Gradients (dq, dk, dv [B, H, T, d] in the dtype of q, k, v; dbeta [H] float32) of the core's output o
+    given do.
     sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]

@@ -200,8 +200,9 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
                        block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 1):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
-    Returns o [B, H, T, dv] (input dtype; a transposed view of [B, T, H, dv] memory), lse [B, H, T] float32, z [B, H, Tw] int32 (Tw = written tokens),
-    and the dictionary sums S_k [B, H, N, dk], S_v [B, H, N, dv], counts [B, H, N] (float32).
+    Returns o [B, H, T, dv] (input dtype; a transposed view of [B, T, H, dv] memory), lse [B, H, T] float32,
+    z [B, H, Tw] int32 (Tw = written tokens), and the dictionary sums S_k [B, H, N, dk], S_v [B, H, N, dv],
+    counts [B, H, N] (float32).
     """
     B, H, T, DK = q.shape
     DV = v.shape[-1]

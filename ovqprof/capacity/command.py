@@ -125,8 +125,8 @@ def _mqar_error(spec: Spec, exc: ValidationError, model: type) -> SpecError:
 def capacity_header(header: dict, spec: Spec, method: str, settings: object) -> dict:
     """The JSON header: machine_info plus the run's date, profile, method, settings and layer specs."""
     header = dict(header)
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), profile=profile_label(spec.file),
-                  method=method)
+    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  profile=profile_label(spec.file), method=method)
     header["settings"] = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
     header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
     return header
