@@ -67,6 +67,37 @@ def _slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: t
 
 
 @triton.jit
+def _assign(k, best, best_idx, n, m_sp, rank_ptr, L: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr):
+    """Slot z [L] (int32) of each key of a chunk: the m_sp spawned keys get slots n, n+1, ... in pick order,
+    every other key its nearest slot among the old ones (best, best_idx: max similarity and argmax over the n
+    slots active at the chunk start) and the spawned ones. k [L, dk] unit keys; rank_ptr: the host's seeded
+    spawn ranks [L] of this chunk and head for `init: random`."""
+    rows = tl.arange(0, L)
+    kk = _dot(k, tl.trans(k), IEEE)  # [L, L] key-key similarities
+    if SPREAD:
+        # Farthest-first: pick the key least similar to the dictionary and to earlier picks.
+        rank = tl.full([L], L, tl.int32)
+        far = best
+        steps = tl.where(m_sp == L, 0, m_sp)
+        for j in range(0, steps):
+            score = tl.where(rank < L, float("inf"), far)
+            pick = tl.argmin(score, axis=0)
+            rank = tl.where(rows == pick, j, rank)
+            col = tl.max(tl.where(rows[None, :] == pick, kk, float("-inf")), axis=1)
+            far = tl.maximum(far, col)
+        rank = tl.where(m_sp == L, rows, rank)
+    else:
+        rank = tl.load(rank_ptr + rows)
+    spawned = rank < m_sp
+    # Nearest spawned slot for the other tokens (slot n + rank; ties go to the lowest slot).
+    sims_new = tl.where(spawned[None, :], kk, float("-inf"))
+    new_best = tl.max(sims_new, axis=1)
+    tie_rank = tl.where(spawned[None, :] & (sims_new == new_best[:, None]), rank[None, :], L)
+    new_rank = tl.min(tie_rank, axis=1)
+    return tl.where(spawned, n + rank, tl.where(new_best > best, n + new_rank, best_idx))
+
+
+@triton.jit
 def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
                    T, H, N, n_write, n_chunks, so_b, so_h, so_t,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
@@ -123,7 +154,6 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
             best_idx = tl.where(better, tile_idx, best_idx)
             best = tl.where(better, tile_best, best)
         # The causal local block.
-        kk = _dot(k, tl.trans(k), IEEE)  # [L, L] key-key similarities (also used to spawn)
         s = _dot(q, tl.trans(k), IEEE) * beta
         visible = (rows[None, :] <= rows[:, None]) & valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -138,28 +168,8 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
         tl.store(o_ptr, o.to(OUT.dtype.element_ty), mask=valid[:, None])
         tl.store(LSE + bh * T + pos, m_i + tl.log(l_i), mask=valid)
         if c < n_write:
-            m_sp = tl.load(MSPAWN + c)
-            if SPREAD:
-                # Farthest-first: pick the key least similar to the dictionary and to earlier picks.
-                rank = tl.full([L], L, tl.int32)
-                far = best
-                steps = tl.where(m_sp == L, 0, m_sp)
-                for j in range(0, steps):
-                    score = tl.where(rank < L, float("inf"), far)
-                    pick = tl.argmin(score, axis=0)
-                    rank = tl.where(rows == pick, j, rank)
-                    col = tl.max(tl.where(rows[None, :] == pick, kk, float("-inf")), axis=1)
-                    far = tl.maximum(far, col)
-                rank = tl.where(m_sp == L, rows, rank)
-            else:
-                rank = tl.load(RANK + c * (tl.num_programs(0) * L) + bh * L + rows)
-            spawned = rank < m_sp
-            # Nearest spawned slot for the other tokens (slot n + rank; ties go to the lowest slot).
-            sims_new = tl.where(spawned[None, :], kk, float("-inf"))
-            new_best = tl.max(sims_new, axis=1)
-            tie_rank = tl.where(spawned[None, :] & (sims_new == new_best[:, None]), rank[None, :], L)
-            new_rank = tl.min(tie_rank, axis=1)
-            z = tl.where(spawned, n + rank, tl.where(new_best > best, n + new_rank, best_idx))
+            z = _assign(k, best, best_idx, n, tl.load(MSPAWN + c), RANK + (c * tl.num_programs(0) + bh) * L,
+                        L, SPREAD, IEEE)
             tl.store(Z + bh * (n_write * L) + pos, z)
             tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], k.to(tl.float32))
             tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], v.to(tl.float32))
