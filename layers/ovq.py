@@ -47,6 +47,10 @@ class OVQOptions(LayerOptions):
     impl: Literal["auto", "reference", "triton"] = Field(
         "auto", description="core implementation: auto (Triton kernels on CUDA when supported, else the PyTorch "
                             "reference), reference, or triton (on CPU only under TRITON_INTERPRET=1)")
+    triton_forward: Literal["single", "split"] = Field(
+        "single", description="forward kernel when the Triton kernels run: single (one program per batch and "
+                              "head) or split (each head's slots split over several programs, synchronised "
+                              "per chunk; same results)")
 
 
 class OVQAttention(SequenceLayer):
@@ -160,7 +164,7 @@ class OVQAttention(SequenceLayer):
             from ovqprof.kernels.ovq.backward import ovq_core_triton
 
             o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
-                                normalize_qk=True)
+                                normalize_qk=True, forward=self.options.triton_forward)
         else:
             o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
         return self._output(o, x.dtype)
@@ -177,10 +181,10 @@ class OVQAttention(SequenceLayer):
 
     @torch.no_grad()
     def _prefill_triton(self, x: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
-        from ovqprof.kernels.ovq.forward import ovq_forward_triton
+        from ovqprof.kernels.ovq.backward import forward_kernel
 
         q, k, v = self._kernel_inputs(x)
-        o, _, _, sk, sv, cnt = ovq_forward_triton(q, k, v, self.beta.float(), self.config)
+        o, _, _, sk, sv, cnt = forward_kernel(self.options.triton_forward)(q, k, v, self.beta.float(), self.config)
         T = q.shape[2]
         mean = cnt.clamp_min(1.0).unsqueeze(-1)  # the kernel keeps sums; the state holds running means
         ad = self.accum_dtype
@@ -281,4 +285,6 @@ class OVQAttention(SequenceLayer):
         raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
 
     def implementation(self) -> str:
-        return "triton" if self.uses_triton else "torch-chunked"
+        if not self.uses_triton:
+            return "torch-chunked"
+        return "triton" if self.options.triton_forward == "single" else "triton-split"

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .config import OVQConfig
 from .forward import _dict_dot, _dot, _slot_tile, exact_dots, ovq_forward_triton, schedule_tensors
+from .forward_split import ovq_forward_split_triton
 from .unit_norm import unit_norm_backward, unit_norm_forward
 
 
@@ -164,12 +165,14 @@ class OVQCoreFunction(torch.autograd.Function):
     v [B, H, T, dv], beta [H]). With normalize_qk the Function L2-normalises q and k itself (float32 math) and
     saves the raw q, k, recomputing the unit vectors in the backward: one copy of each instead of two (raw
     for the normalisation's backward plus unit for the kernels'). Without it, q and k must be unit-norm.
-    The final dictionary is not an output: use `ovq_forward_triton` directly when the state is needed."""
+    The final dictionary is not an output: use `ovq_forward_triton` directly when the state is needed.
+    forward: which forward kernel runs, "single" (`ovq_forward_triton`) or "split" (`ovq_forward_split_triton`);
+    both return the same results, so the backward is shared."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False):
+    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False, forward: str = "single"):
         qn, kn = (_unit(q), _unit(k)) if normalize_qk else (q, k)
-        o, lse, z, sk, sv, cnt = ovq_forward_triton(qn, kn, v, beta, cfg)
+        o, lse, z, sk, sv, cnt = forward_kernel(forward)(qn, kn, v, beta, cfg)
         ctx.save_for_backward(q, k, v, o, lse, z, beta, sk, sv, cnt)
         ctx.cfg, ctx.normalize_qk = cfg, normalize_qk
         return o
@@ -184,7 +187,16 @@ class OVQCoreFunction(torch.autograd.Function):
             dq, dk = unit_norm_backward(q, dq), unit_norm_backward(k, dk)
         need = ctx.needs_input_grad
         return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
-                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None)
+                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None, None)
+
+
+def forward_kernel(name: str):
+    """The forward kernel called `name`: "single" (one program per batch and head) or "split" (slots split over
+    programs; see forward_split.py). Both share one signature and return the same tensors."""
+    kernels = {"single": ovq_forward_triton, "split": ovq_forward_split_triton}
+    if name not in kernels:
+        raise ValueError(f"unknown OVQ forward kernel {name!r}; allowed: {', '.join(kernels)}")
+    return kernels[name]
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -193,7 +205,7 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 
 
 def ovq_core_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                    cfg: OVQConfig, normalize_qk: bool = False) -> torch.Tensor:
+                    cfg: OVQConfig, normalize_qk: bool = False, forward: str = "single") -> torch.Tensor:
     """Differentiable core output o [B, H, T, dv] through the Triton kernels; q and k unit-norm, or raw with
-    normalize_qk (normalised inside, see OVQCoreFunction)."""
-    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk)
+    normalize_qk (normalised inside, see OVQCoreFunction); forward names the forward kernel."""
+    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk, forward)
