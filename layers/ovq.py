@@ -47,10 +47,9 @@ class OVQOptions(LayerOptions):
     impl: Literal["auto", "reference", "triton"] = Field(
         "auto", description="core implementation: auto (Triton kernels on CUDA when supported, else the PyTorch "
                             "reference), reference, or triton (on CPU only under TRITON_INTERPRET=1)")
-    triton_forward: Literal["single", "split"] = Field(
-        "single", description="forward kernel when the Triton kernels run: single (one program per batch and "
-                              "head) or split (each head's slots split over several programs, synchronised "
-                              "per chunk; same results)")
+    triton_variant: Literal["per_head", "split"] = Field(
+        "per_head", description="Triton kernels' work split: per_head (one program per batch and head) or split "
+                                "(each head's slots over several programs, synchronised per chunk; same results)")
 
 
 class OVQAttention(SequenceLayer):
@@ -161,10 +160,10 @@ class OVQAttention(SequenceLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[B, T, D] -> y[B, T, D]."""
         if self.uses_triton:
-            from ovqprof.kernels.ovq.backward import ovq_core_triton
+            from ovqprof.kernels.ovq.function import ovq_core_triton
 
             o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
-                                normalize_qk=True, forward=self.options.triton_forward)
+                                normalize_qk=True, variant=self.options.triton_variant)
         else:
             o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
         return self._output(o, x.dtype)
@@ -181,10 +180,11 @@ class OVQAttention(SequenceLayer):
 
     @torch.no_grad()
     def _prefill_triton(self, x: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
-        from ovqprof.kernels.ovq.backward import forward_kernel
+        from ovqprof.kernels.ovq.function import kernels_for
 
         q, k, v = self._kernel_inputs(x)
-        o, _, _, sk, sv, cnt = forward_kernel(self.options.triton_forward)(q, k, v, self.beta.float(), self.config)
+        forward, _ = kernels_for(self.options.triton_variant)
+        o, _, _, sk, sv, cnt = forward(q, k, v, self.beta.float(), self.config)
         T = q.shape[2]
         mean = cnt.clamp_min(1.0).unsqueeze(-1)  # the kernel keeps sums; the state holds running means
         ad = self.accum_dtype
@@ -287,4 +287,4 @@ class OVQAttention(SequenceLayer):
     def implementation(self) -> str:
         if not self.uses_triton:
             return "torch-chunked"
-        return "triton" if self.options.triton_forward == "single" else "triton-split"
+        return "triton" if self.options.triton_variant == "per_head" else "triton-split"

@@ -23,9 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run", allow_module_level=True)
 
-from ovqprof.kernels.ovq.backward import ovq_core_triton  # noqa: E402  (after the interpreter is chosen)
 from ovqprof.kernels.ovq.decode import ovq_decode_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward import ovq_forward_triton  # noqa: E402
+from ovqprof.kernels.ovq.function import ovq_core_triton  # noqa: E402  (after the interpreter is chosen)
 
 B, H, D = 2, 2, 16
 L, N = 16, 40

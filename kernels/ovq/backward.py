@@ -1,4 +1,4 @@
-"""Triton backward of the OVQ-attention core, and the autograd Function that pairs it with the forward kernel.
+"""Triton backward of the OVQ-attention core (the autograd Function pairing it with a forward is function.py).
 
 The dictionary sums are linear in the keys and values written into them, S_{c+1} = S_c + sum over the
 chunk's tokens of onehot(z_t) (k_t, v_t), with the assignments z fixed by the forward. So with
@@ -20,9 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import _dict_dot, _dot, _slot_tile, exact_dots, ovq_forward_triton, schedule_tensors
-from .forward_split import ovq_forward_split_triton
-from .unit_norm import unit_norm_backward, unit_norm_forward
+from .forward import _dict_dot, _dot, _slot_tile, exact_dots, schedule_tensors
 
 
 @triton.jit
@@ -158,54 +156,3 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
         L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, THROUGH_STATE=through,
         IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps, num_stages=1)
     return dq, dk_, dv_, dbeta.view(B, H).sum(0)
-
-
-class OVQCoreFunction(torch.autograd.Function):
-    """o = OVQ core(q, k, v, beta) with the Triton forward and backward kernels (q, k [B, H, T, dk],
-    v [B, H, T, dv], beta [H]). With normalize_qk the Function L2-normalises q and k itself (float32 math) and
-    saves the raw q, k, recomputing the unit vectors in the backward: one copy of each instead of two (raw
-    for the normalisation's backward plus unit for the kernels'). Without it, q and k must be unit-norm.
-    The final dictionary is not an output: use `ovq_forward_triton` directly when the state is needed.
-    forward: which forward kernel runs, "single" (`ovq_forward_triton`) or "split" (`ovq_forward_split_triton`);
-    both return the same results, so the backward is shared."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False, forward: str = "single"):
-        qn, kn = (_unit(q), _unit(k)) if normalize_qk else (q, k)
-        o, lse, z, sk, sv, cnt = forward_kernel(forward)(qn, kn, v, beta, cfg)
-        ctx.save_for_backward(q, k, v, o, lse, z, beta, sk, sv, cnt)
-        ctx.cfg, ctx.normalize_qk = cfg, normalize_qk
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, z, beta, sk, sv, cnt = ctx.saved_tensors
-        qn, kn = (_unit(q), _unit(k)) if ctx.normalize_qk else (q, k)
-        dq, dk, dv, dbeta = ovq_backward_triton(qn, kn, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg)
-        del qn, kn
-        if ctx.normalize_qk:
-            dq, dk = unit_norm_backward(q, dq), unit_norm_backward(k, dk)
-        need = ctx.needs_input_grad
-        return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
-                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None, None)
-
-
-def forward_kernel(name: str):
-    """The forward kernel called `name`: "single" (one program per batch and head) or "split" (slots split over
-    programs; see forward_split.py). Both share one signature and return the same tensors."""
-    kernels = {"single": ovq_forward_triton, "split": ovq_forward_split_triton}
-    if name not in kernels:
-        raise ValueError(f"unknown OVQ forward kernel {name!r}; allowed: {', '.join(kernels)}")
-    return kernels[name]
-
-
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    """t / |t| along the last dim (float32 math) in t's dtype, contiguous for the kernels."""
-    return unit_norm_forward(t, t.dtype).contiguous()
-
-
-def ovq_core_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                    cfg: OVQConfig, normalize_qk: bool = False, forward: str = "single") -> torch.Tensor:
-    """Differentiable core output o [B, H, T, dv] through the Triton kernels; q and k unit-norm, or raw with
-    normalize_qk (normalised inside, see OVQCoreFunction); forward names the forward kernel."""
-    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk, forward)

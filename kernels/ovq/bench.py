@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from .backward import OVQCoreFunction
 from .config import OVQConfig, active_after
 from .decode import ovq_decode_triton
 from .forward import ovq_forward_triton
+from .function import OVQCoreFunction
 
 
 def _time(fn) -> str:

@@ -1,4 +1,4 @@
-"""The split OVQ forward kernel (slots of each head over P programs) against the reference and the v1 kernel.
+"""The split OVQ kernels (slots of each head over P programs) against the reference and the per-head kernels.
 
 Without a GPU these run under TRITON_INTERPRET=1: P = 1 through the persistent kernel, P > 1 through the
 stepped path (phase A and B launched per chunk), which shares all its math with the persistent kernel. With a
@@ -22,9 +22,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run", allow_module_level=True)
 
-from ovqprof.kernels.ovq.backward import forward_kernel, ovq_core_triton  # noqa: E402
+from ovqprof.kernels.ovq.backward import ovq_backward_triton  # noqa: E402
+from ovqprof.kernels.ovq.backward_split import ovq_backward_split_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward import ovq_forward_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward_split import ovq_forward_split_triton, split_programs  # noqa: E402
+from ovqprof.kernels.ovq.function import kernels_for, ovq_core_triton  # noqa: E402
 
 B, H, D = 2, 2, 16
 L, N = 16, 40
@@ -90,24 +92,45 @@ def test_split_forward_bf16_within_bf16_tolerance():
     assert o.dtype == torch.bfloat16 and rel_rms_error(o, ref) <= tolerance_for(torch.bfloat16)
 
 
-def test_split_forward_gradients_match_reference():
-    """The backward is shared; it must get from the split forward exactly what it needs (lse, z, sums)."""
-    cfg = OVQConfig(dict_size=N, chunk_size=L, alpha=8.0)
-    base = _inputs(75, torch.float32, seed=64)
+@pytest.mark.parametrize(("programs", "stepped"), SPLITS)
+@pytest.mark.parametrize(("growth", "init", "normalize", "through"), [
+    ("saturating", "spread", True, True), ("linear", "random", False, True), ("dp", "spread", True, False)])
+def test_split_backward_matches_reference_autograd(growth, init, normalize, through, programs, stepped):
+    cfg = OVQConfig(dict_size=N, chunk_size=L, growth=growth, init=init, alpha=8.0, rate=0.5,
+                    normalize_centroids=normalize, grad_through_state=through)
+    q, k, v, beta = _inputs(75, torch.float32, seed=64)
     do = torch.randn(B, H, 75, D, generator=torch.Generator().manual_seed(65)).to(DEVICE)
-    ins = [t.clone().requires_grad_() for t in base]
-    ovq_core_triton(*ins, cfg, forward="split").backward(do)
-    refs = [t.double().clone().requires_grad_() for t in base]
+    o, lse, z, sk, sv, cnt = ovq_forward_triton(q, k, v, beta, cfg, block_slots=16)
+    grads = ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg, programs=programs,
+                                      stepped=stepped, block_slots=16)
+    refs = [t.double().clone().requires_grad_() for t in (q, k, v, beta)]
     ovq_chunked(*refs, cfg)[0].backward(do.double())
-    for name, got, want in zip(("q", "k", "v", "beta"), ins, refs, strict=True):
-        assert rel_rms_error(got.grad, want.grad) <= 1e-4, f"d{name}"
+    per_head = ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg, block_slots=16)
+    for name, got, want, v1 in zip(("q", "k", "v", "beta"), grads, refs, per_head, strict=True):
+        assert rel_rms_error(got, want.grad) <= 1e-4, f"d{name} vs the reference"
+        assert rel_rms_error(got, v1) <= 1e-5, f"d{name} vs the per-head kernel"
 
 
-def test_layer_with_split_forward_matches_reference_and_streams():
+def test_split_core_function_gradients_bf16():
+    """Forward and backward both split, through the autograd Function (q, k normalised inside), in bf16."""
+    cfg = OVQConfig(dict_size=N, chunk_size=L)
+    base = _inputs(64, torch.bfloat16, seed=70)
+    do = torch.randn(B, H, 64, D, generator=torch.Generator().manual_seed(71)).to(DEVICE, torch.bfloat16)
+    ins = [t.clone().requires_grad_() for t in base]
+    ovq_core_triton(*ins, cfg, normalize_qk=True, variant="split").backward(do)
+    refs = [t.double().clone().requires_grad_() for t in base]
+    ovq_chunked(F.normalize(refs[0], dim=-1), F.normalize(refs[1], dim=-1), refs[2], refs[3], cfg)[0].backward(
+        do.double())
+    for got, want in zip(ins[:3], refs[:3], strict=True):
+        assert got.grad.dtype == torch.bfloat16
+        assert rel_rms_error(got.grad, want.grad) <= tolerance_for(torch.bfloat16)
+
+
+def test_layer_with_split_kernels_matches_reference_streams_and_trains():
     torch.manual_seed(66)
-    opts = dict(dict_size=N, chunk_size=L)
+    opts = dict(dict_size=N, chunk_size=L, learn_beta=True)
     ref = OVQAttention(64, 2, 32, OVQOptions(impl="reference", **opts)).to(DEVICE)
-    tri = OVQAttention(64, 2, 32, OVQOptions(impl="triton", triton_forward="split", **opts)).to(DEVICE)
+    tri = OVQAttention(64, 2, 32, OVQOptions(impl="triton", triton_variant="split", **opts)).to(DEVICE)
     tri.load_state_dict(ref.state_dict())
     assert tri.implementation() == "triton-split"
     x = torch.randn(2, 75, 64, generator=torch.Generator().manual_seed(67)).to(DEVICE)
@@ -120,6 +143,11 @@ def test_layer_with_split_forward_matches_reference_and_streams():
             y_t, state = tri.step(x[:, t : t + 1], state)
             outs.append(y_t)
     assert rel_rms_error(torch.cat(outs, dim=1), full) <= tolerance_for(torch.float32)
+    w = torch.randn(2, 75, 64, generator=torch.Generator().manual_seed(68)).to(DEVICE)
+    (tri(x) * w).sum().backward()
+    (ref(x) * w).sum().backward()
+    for (name, got), want in zip(tri.named_parameters(), ref.parameters(), strict=True):
+        assert rel_rms_error(got.grad, want.grad) <= 1e-4, name
 
 
 def test_program_count_fills_the_sms_and_respects_the_limits():
@@ -137,8 +165,11 @@ def test_bad_program_counts_are_refused():
     for bad in (0, 3, 2 * L):
         with pytest.raises(ValueError, match="power of two"):
             ovq_forward_split_triton(q, k, v, beta, cfg, programs=bad, stepped=True)
-    with pytest.raises(ValueError, match="unknown OVQ forward kernel"):
-        forward_kernel("fastest")
+        with pytest.raises(ValueError, match="power of two"):
+            ovq_backward_split_triton(q, k, v, q, v, q[..., 0], q[..., 0].int(), beta, q, v, q[..., 0], cfg,
+                                      programs=bad, stepped=True)
+    with pytest.raises(ValueError, match="unknown OVQ kernel variant"):
+        kernels_for("fastest")
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's one-program-at-a-time rule is what is checked")
@@ -147,3 +178,6 @@ def test_persistent_kernel_with_several_programs_is_refused_under_the_interprete
     q, k, v, beta = _inputs(32, torch.float32, seed=69)
     with pytest.raises(ValueError, match="stepped=True"):
         ovq_forward_split_triton(q, k, v, beta, cfg, programs=2, stepped=False)
+    with pytest.raises(ValueError, match="stepped=True"):
+        ovq_backward_split_triton(q, k, v, q, v, q[..., 0], q[..., 0].int(), beta, q, v, q[..., 0], cfg,
+                                  programs=2, stepped=False)
