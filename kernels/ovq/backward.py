@@ -59,9 +59,10 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
             if THROUGH_STATE:
                 dk_acc += tl.load(gk_base + z[:, None] * DK + dk[None, :], cache_modifier=".cg")
                 dv_acc += tl.load(gv_base + z[:, None] * DV + dv[None, :], cache_modifier=".cg")
-            tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], -k.to(tl.float32))
-            tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], -v.to(tl.float32))
-            tl.atomic_add(c_base + z, tl.full([L], -1.0, tl.float32))
+            # Relaxed, as in the forward: this program alone reads the sums, after the block barrier below.
+            tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], -k.to(tl.float32), sem="relaxed")
+            tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], -v.to(tl.float32), sem="relaxed")
+            tl.atomic_add(c_base + z, tl.full([L], -1.0, tl.float32), sem="relaxed")
         tl.debug_barrier()
         n = tl.load(NACT + c)
         dq = tl.zeros([L, DK], tl.float32)

@@ -62,9 +62,12 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
             g_v = tl.load(gv_base + z[:, None] * DV + dv[None, :], mask=own[:, None], cache_modifier=".cg")
             tl.store(SGK + scratch[:, None] * DK + dk[None, :], g_k, mask=own[:, None])
             tl.store(SGV + scratch[:, None] * DV + dv[None, :], g_v, mask=own[:, None])
-        tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], -k.to(tl.float32), mask=own[:, None])
-        tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], -v.to(tl.float32), mask=own[:, None])
-        tl.atomic_add(c_base + z, tl.full([L], -1.0, tl.float32), mask=own)
+        # Relaxed: only this program reads its sums, after a block barrier (see forward.py).
+        tl.atomic_add(sk_base + z[:, None] * DK + dk[None, :], -k.to(tl.float32), mask=own[:, None],
+                      sem="relaxed")
+        tl.atomic_add(sv_base + z[:, None] * DV + dv[None, :], -v.to(tl.float32), mask=own[:, None],
+                      sem="relaxed")
+        tl.atomic_add(c_base + z, tl.full([L], -1.0, tl.float32), mask=own, sem="relaxed")
     tl.debug_barrier()
     n = tl.load(NACT + c)
     dq = tl.zeros([L, DK], tl.float32)
