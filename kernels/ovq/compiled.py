@@ -4,7 +4,8 @@ Triton's wheel ships ptxas, cuobjdump and nvdisasm, so a kernel can be compiled 
 without a GPU. That catches compile errors the interpreter cannot (it runs the Python, not the compiler) and
 shows the costs that decide a kernel's speed: shared memory, registers, spills, and memory fences.
 `python -m ovqprof.kernels.ovq.compiled` prints one row per kernel for the issue-4 shape (bf16, head_dim
-128, L = 64); `--arch 100` for Blackwell.
+128, L = 64); `--arch 100` for Blackwell, `--json` for machine-readable output. It must run with
+TRITON_INTERPRET unset: under the interpreter, @triton.jit gives interpreted functions that cannot compile.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -25,7 +27,7 @@ import triton
 # int32 scalars.
 _BF16 = {"Q", "K", "V", "OUT", "DO", "DQ", "DKO", "DVO"}
 _INT = {"NACT", "MSPAWN", "RANK", "PIDX", "FLAGS", "Z"}
-_SCALARS = {"T", "H", "N"}
+_SCALARS = {"T", "H", "N", "BUF_ROWS"}
 
 
 @dataclass
@@ -96,6 +98,7 @@ def issue_shape_kernels(programs: int = 8) -> list[tuple]:
     """(kernel, constexprs, num_warps) for every OVQ kernel at the issue-4 shape and the layer's defaults."""
     from .backward import ovq_bwd_kernel
     from .backward_split import ovq_bwd_split_kernel
+    from .decode import ovq_decode_kernel
     from .forward import ovq_fwd_kernel
     from .forward_split import ovq_fwd_split_kernel
 
@@ -105,6 +108,7 @@ def issue_shape_kernels(programs: int = 8) -> list[tuple]:
         (ovq_fwd_split_kernel, dict(shape, BN=64, SPREAD=True, P=programs), 8),
         (ovq_bwd_kernel, dict(shape, BN=32, THROUGH_STATE=True), 8),
         (ovq_bwd_split_kernel, dict(shape, BN=32, THROUGH_STATE=True, P=programs), 8),
+        (ovq_decode_kernel, dict(DK=128, DV=128, BN=64, BL=64, NORMALIZE=True), 4),
     ]
 
 
@@ -112,13 +116,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--programs", type=int, default=8)
+    ap.add_argument("--json", action="store_true", help="one JSON object per kernel, with every opcode count")
     args = ap.parse_args()
     if not tools_available():
         raise SystemExit("this triton install has no ptxas/cuobjdump/nvdisasm: cannot compile for a GPU here")
-    print("| kernel | sm | shared KiB | registers | spill B | MEMBAR.ALL.GPU | float atomics (ATOMG / REDG) |")
-    print("|---|---|---|---|---|---|---|")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("TRITON_INTERPRET is set: unset it to compile the kernels (no GPU is needed)")
+    if not args.json:
+        print("| kernel | sm | shared KiB | registers | spill B | MEMBAR.ALL.GPU | float atomics (ATOMG / REDG) |")
+        print("|---|---|---|---|---|---|---|")
     for kernel, consts, warps in issue_shape_kernels(args.programs):
         k = compile_kernel(kernel, consts, warps, args.arch)
+        if args.json:
+            print(json.dumps(dict(name=k.name, arch=args.arch, shared=k.shared, registers=k.registers,
+                                  spill_bytes=k.spill_bytes, opcodes=dict(k.opcodes))))
+            continue
         atom = sum(n for op, n in k.opcodes.items() if op.startswith("ATOMG") and ".F32" in op)
         red = sum(n for op, n in k.opcodes.items() if op.startswith("REDG") and ".F32" in op)
         print(f"| {k.name} | {args.arch} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_bytes} | "
