@@ -50,6 +50,10 @@ class OVQOptions(LayerOptions):
     triton_variant: Literal["per_head", "split"] = Field(
         "per_head", description="Triton kernels' work split: per_head (one program per batch and head) or split "
                                 "(each head's slots over several programs, synchronised per chunk; same results)")
+    dict_precision: Literal["tf32", "bf16x2", "bf16"] = Field(
+        "tf32", description="Triton kernels' products with the float32 dictionary for bf16/fp16 layers: tf32, "
+                            "bf16x2 (keys as bf16 hi + lo, values in bf16) or bf16 (all bf16: fastest, least "
+                            "accurate); float32 layers always use exact float32 products")
 
 
 class OVQAttention(SequenceLayer):
@@ -163,7 +167,8 @@ class OVQAttention(SequenceLayer):
             from ovqprof.kernels.ovq.function import ovq_core_triton
 
             o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
-                                normalize_qk=True, variant=self.options.triton_variant)
+                                normalize_qk=True, variant=self.options.triton_variant,
+                                dict_precision=self.options.dict_precision)
         else:
             o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
         return self._output(o, x.dtype)
@@ -184,7 +189,8 @@ class OVQAttention(SequenceLayer):
 
         q, k, v = self._kernel_inputs(x)
         forward, _ = kernels_for(self.options.triton_variant)
-        o, _, _, sk, sv, cnt = forward(q, k, v, self.beta.float(), self.config)
+        o, _, _, sk, sv, cnt = forward(q, k, v, self.beta.float(), self.config,
+                                       dict_precision=self.options.dict_precision)
         T = q.shape[2]
         mean = cnt.clamp_min(1.0).unsqueeze(-1)  # the kernel keeps sums; the state holds running means
         ad = self.accum_dtype
@@ -287,4 +293,6 @@ class OVQAttention(SequenceLayer):
     def implementation(self) -> str:
         if not self.uses_triton:
             return "torch-chunked"
-        return "triton" if self.options.triton_variant == "per_head" else "triton-split"
+        impl = "triton" if self.options.triton_variant == "per_head" else "triton-split"
+        precision = self.options.dict_precision
+        return impl if precision == "tf32" else f"{impl}-{precision}"

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import _dict_dot, _dot, _slot_tile, exact_dots, schedule_tensors
+from .forward import _dict_dot, _dot, _key_dot, _slot_tile, dict_mode, exact_dots, schedule_tensors
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
                    T, H, N, n_write, n_chunks,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                    NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr, IEEE: tl.constexpr,
-                   DICT_TF32: tl.constexpr):
+                   DICT: tl.constexpr):
     bh = tl.program_id(0)
     h = bh % H
     beta = tl.load(BETA + h).to(tl.float32)
@@ -74,16 +74,16 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
                          cache_modifier=".cg")
             d_k = sk / norm[:, None]  # D_k [BN, DK] float32
             d_v = sv / cnt[:, None]   # D_v [BN, DV]
-            dots = _dict_dot(q, tl.trans(d_k), IEEE, DICT_TF32)
+            dots = _key_dot(q, tl.trans(d_k), IEEE, DICT)
             s = beta * dots + tl.log(cnt)[None, :]
             p = tl.where(smask[None, :] & valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT_TF32)
+            dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT)
             ds = p * (dp - delta[:, None])
-            dq += beta * _dict_dot(ds, d_k, IEEE, DICT_TF32)
+            dq += beta * _dict_dot(ds, d_k, IEEE, DICT)
             dbeta += tl.sum(tl.sum(ds * dots, axis=1), axis=0)
             if THROUGH_STATE:
-                d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT_TF32)  # dL/dD_k [BN, DK]
-                d_dv = _dict_dot(tl.trans(p), do, IEEE, DICT_TF32)         # dL/dD_v [BN, DV]
+                d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT)  # dL/dD_k [BN, DK]
+                d_dv = _dict_dot(tl.trans(p), do, IEEE, DICT)         # dL/dD_v [BN, DV]
                 if NORMALIZE:
                     d_sk = (d_dk - d_k * tl.sum(d_k * d_dk, axis=1)[:, None]) / norm[:, None]
                 else:
@@ -126,7 +126,7 @@ def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, elements_per_block: int =
 
 
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,
-                        num_warps: int = 8, dict_tf32: bool = True):
+                        num_warps: int = 8, dict_precision: str = "tf32"):
     """Gradients (dq, dk, dv [B, H, T, d] in the dtype of q, k, v; dbeta [H] float32) of the core's output o
     given do.
     sk, sv, cnt are the forward's final dictionary sums; they are copied, not changed."""
@@ -135,6 +135,7 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     L, N = cfg.chunk_size, cfg.dict_size
     n_chunks, n_write = -(-T // L), T // L
     dev = q.device
+    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
     delta = _rowwise_dot_f32(do, o)
     # Stored in the input dtype (the kernel accumulates in float32 and casts on store): float32 gradients
@@ -155,5 +156,5 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
         beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, dq, dk_, dv_, dbeta,
         nact, T, H, N, n_write, n_chunks,
         L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, THROUGH_STATE=through,
-        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps, num_stages=1)
+        IEEE=exact_dots(q.dtype), DICT=dmode, num_warps=num_warps, num_stages=1)
     return dq, dk_, dv_, dbeta.view(B, H).sum(0)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .backward import _rowwise_dot_f32
 from .config import OVQConfig
-from .forward import _dict_dot, _dot, _slot_tile, exact_dots, schedule_tensors
+from .forward import _dict_dot, _dot, _key_dot, _slot_tile, dict_mode, exact_dots, schedule_tensors
 from .forward_split import _barrier, _interpreted, _sm_count, split_programs
 
 
@@ -33,7 +33,7 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
                  PDQ, SGK, SGV, SLK, SLV, T, N, n_write,
                  P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                  NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr, IEEE: tl.constexpr,
-                 DICT_TF32: tl.constexpr):
+                 DICT: tl.constexpr):
     """Chunk c's per-slot work on program p's slots; returns its dbeta contribution (float32 scalar)."""
     rows = tl.arange(0, L)
     dk = tl.arange(0, DK)
@@ -81,16 +81,16 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
                      cache_modifier=".cg")
         d_k = sk / norm[:, None]  # D_k [BN, DK] float32
         d_v = sv / cnt[:, None]   # D_v [BN, DV]
-        dots = _dict_dot(q, tl.trans(d_k), IEEE, DICT_TF32)
+        dots = _key_dot(q, tl.trans(d_k), IEEE, DICT)
         s = beta * dots + tl.log(cnt)[None, :]
         pr = tl.where(smask[None, :] & valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT_TF32)
+        dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT)
         ds = pr * (dp - delta[:, None])
-        dq += beta * _dict_dot(ds, d_k, IEEE, DICT_TF32)
+        dq += beta * _dict_dot(ds, d_k, IEEE, DICT)
         dbeta += tl.sum(tl.sum(ds * dots, axis=1), axis=0)
         if THROUGH_STATE:
-            d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT_TF32)  # dL/dD_k [BN, DK]
-            d_dv = _dict_dot(tl.trans(pr), do, IEEE, DICT_TF32)        # dL/dD_v [BN, DV]
+            d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT)  # dL/dD_k [BN, DK]
+            d_dv = _dict_dot(tl.trans(pr), do, IEEE, DICT)        # dL/dD_v [BN, DV]
             if NORMALIZE:
                 d_sk = (d_dk - d_k * tl.sum(d_k * d_dk, axis=1)[:, None]) / norm[:, None]
             else:
@@ -150,7 +150,7 @@ def ovq_bwd_split_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, 
                          FLAGS, DQ, DKO, DVO, DBETA, T, H, N, n_write, n_chunks,
                          P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                          BN: tl.constexpr, NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr,
-                         IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
+                         IEEE: tl.constexpr, DICT: tl.constexpr):
     """Persistent: grid (B * H * P,), every chunk (last first) in one launch."""
     pid = tl.program_id(0)
     bh = pid // P
@@ -161,7 +161,7 @@ def ovq_bwd_split_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, 
         c = n_chunks - 1 - i
         dbeta += _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV, NACT,
                               PDQ, SGK, SGV, SLK, SLV, T, N, n_write,
-                              P, L, DK, DV, BN, NORMALIZE, THROUGH_STATE, IEEE, DICT_TF32)
+                              P, L, DK, DV, BN, NORMALIZE, THROUGH_STATE, IEEE, DICT)
         _barrier(FLAGS + bh * P, p, i + 1, P)
         _bwd_phase_b(c, bh, p, PDQ, SGK, SGV, SLK, SLV, DQ, DKO, DVO, T, n_write, P, L, DK, DV, THROUGH_STATE)
         tl.debug_barrier()
@@ -173,14 +173,14 @@ def ovq_bwd_split_slots_kernel(c, Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT,
                                PDQ, SGK, SGV, SLK, SLV, DBETA, T, H, N, n_write,
                                P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                                BN: tl.constexpr, NORMALIZE: tl.constexpr, THROUGH_STATE: tl.constexpr,
-                               IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
+                               IEEE: tl.constexpr, DICT: tl.constexpr):
     """Stepped phase A of chunk c: grid (B * H * P,); adds its dbeta into DBETA[program]."""
     pid = tl.program_id(0)
     bh = pid // P
     beta = tl.load(BETA + bh % H).to(tl.float32)
     dbeta = _bwd_phase_a(c, bh, pid % P, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV, NACT,
                          PDQ, SGK, SGV, SLK, SLV, T, N, n_write,
-                         P, L, DK, DV, BN, NORMALIZE, THROUGH_STATE, IEEE, DICT_TF32)
+                         P, L, DK, DV, BN, NORMALIZE, THROUGH_STATE, IEEE, DICT)
     tl.store(DBETA + pid, tl.load(DBETA + pid) + dbeta)
 
 
@@ -196,7 +196,7 @@ def ovq_bwd_split_rows_kernel(c, PDQ, SGK, SGV, SLK, SLV, DQ, DKO, DVO, T, n_wri
 
 def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig,
                               programs: int | None = None, stepped: bool | None = None,
-                              block_slots: int | None = None, num_warps: int = 8, dict_tf32: bool = True):
+                              block_slots: int | None = None, num_warps: int = 8, dict_precision: str = "tf32"):
     """`ovq_backward_triton`'s contract (same inputs and gradients) with the slots split over `programs`
     programs per (batch, head); programs and stepped as in `ovq_forward_split_triton`."""
     B, H, T, DK = q.shape
@@ -204,6 +204,7 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
     L, N = cfg.chunk_size, cfg.dict_size
     n_chunks, n_write = -(-T // L), T // L
     dev = q.device
+    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     if block_slots is None:  # five float32 [BN, d] tiles per slot block: keep them inside shared memory
         block_slots = 32 if max(DK, DV) > 64 else 64
     bn = max(16, min(block_slots, triton.next_power_of_2(N)))
@@ -233,7 +234,7 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
            beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, nact)
     scratch = (pdq, sgk, sgv, slk, slv)
     common = dict(P=P, L=L, DK=DK, DV=DV, THROUGH_STATE=through)
-    slot_args = dict(BN=bn, NORMALIZE=cfg.normalize_centroids, IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32)
+    slot_args = dict(BN=bn, NORMALIZE=cfg.normalize_centroids, IEEE=exact_dots(q.dtype), DICT=dmode)
     grid = (B * H * P,)
     if stepped:
         for c in reversed(range(n_chunks)):

@@ -102,7 +102,7 @@ def issue_shape_kernels(programs: int = 8) -> list[tuple]:
     from .forward import ovq_fwd_kernel
     from .forward_split import ovq_fwd_split_kernel
 
-    shape = dict(L=64, DK=128, DV=128, NORMALIZE=True, IEEE=False, DICT_TF32=True)
+    shape = dict(L=64, DK=128, DV=128, NORMALIZE=True, IEEE=False, DICT="tf32")
     return [
         (ovq_fwd_kernel, dict(shape, BN=64, SPREAD=True), 8),
         (ovq_fwd_split_kernel, dict(shape, BN=64, SPREAD=True, P=programs), 8),

@@ -40,15 +40,48 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+DICT_PRECISIONS = ("tf32", "bf16x2", "bf16")
+
+
+def dict_mode(dtype: torch.dtype, precision: str) -> str:
+    """The kernels' DICT constexpr: how products with the float32 dictionary are computed for inputs of
+    `dtype`. "ieee" for float32 inputs (exact, whatever was asked); for bf16/fp16 inputs `precision`:
+    - "tf32": dictionary tiles as float32, products in tf32 (D rounded to 2^-11).
+    - "bf16x2": key products (the logits and similarities, which beta amplifies) as two bf16 products, D_k
+      split into bf16 hi + lo (D rounded to ~2^-16); value and gradient products in bf16. Operand tiles stay
+      16-bit, so fewer registers than tf32 at the same tensor-core time.
+    - "bf16": every dictionary product in bf16 (D rounded to 2^-9; fastest, least accurate).
+    """
+    if precision not in DICT_PRECISIONS:
+        raise ValueError(f"dict_precision must be one of {', '.join(DICT_PRECISIONS)}, got {precision!r}")
+    return "ieee" if dtype == torch.float32 else precision
+
+
 @triton.jit
-def _dict_dot(a, b, IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
-    """A product with a dictionary operand: tf32 keeps the float32 dictionary to ~5e-4 (bf16 would round it
-    to ~4e-3, which is what decode vs forward then disagrees by)."""
-    if IEEE:
+def _dict_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
+    """a @ b where one operand holds float32 dictionary values (D_v, D_k as a gradient's factor) whose
+    rounding the softmax does not amplify; DICT as in `dict_mode`. Under the interpreter (IEEE) the bf16 modes
+    are emulated exactly: bf16-rounded operands, float32 products, as the tensor cores compute them."""
+    if DICT == "ieee" or (IEEE and DICT == "tf32"):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if DICT_TF32:
+    if DICT == "tf32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return _dot(a.to(tl.bfloat16), b.to(tl.bfloat16), IEEE)
+
+
+@triton.jit
+def _key_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
+    """a [M, K] @ b [K, N] for logits and similarities against the key dictionary b (float32), whose error
+    beta multiplies: under "bf16x2", b = hi + lo in bf16 and a @ hi + a @ lo (exact for a in bf16, as q and k
+    are); otherwise as `_dict_dot`."""
+    if DICT == "bf16x2":
+        a16 = a.to(tl.bfloat16)
+        hi = b.to(tl.bfloat16)
+        lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
+        if IEEE:
+            return _dot(a16, hi, IEEE) + _dot(a16, lo, IEEE)
+        return tl.dot(a16, lo, acc=tl.dot(a16, hi))
+    return _dict_dot(a, b, IEEE, DICT)
 
 
 @triton.jit
@@ -102,7 +135,7 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
                    T, H, N, n_write, n_chunks, so_b, so_h, so_t,
                    L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                    SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-                   DICT_TF32: tl.constexpr):
+                   DICT: tl.constexpr):
     bh = tl.program_id(0)
     h = bh % H
     beta = tl.load(BETA + h).to(tl.float32)
@@ -135,7 +168,7 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
             sk, cnt, scale = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
             inv = 1.0 / scale
             skt = tl.trans(sk)
-            s = _dict_dot(q, skt, IEEE, DICT_TF32) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
+            s = _key_dot(q, skt, IEEE, DICT) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
             s = tl.where(smask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             scale = tl.exp(m_i - m_new)
@@ -144,9 +177,9 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, OUT, LSE, Z,
             sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                          cache_modifier=".cg")
             pv = p / cnt[None, :]  # D_v = S_v / c
-            acc = acc * scale[:, None] + _dict_dot(pv, sv, IEEE, DICT_TF32)
+            acc = acc * scale[:, None] + _dict_dot(pv, sv, IEEE, DICT)
             m_i = m_new
-            sim = _dict_dot(k, skt, IEEE, DICT_TF32) * inv[None, :]
+            sim = _key_dot(k, skt, IEEE, DICT) * inv[None, :]
             sim = tl.where(smask[None, :], sim, float("-inf"))
             tile_best = tl.max(sim, axis=1)
             tile_idx = tl.argmax(sim, axis=1).to(tl.int32) + s0
@@ -210,7 +243,7 @@ def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.dev
 
 
 def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
-                       block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True, num_stages: int = 1):
+                       block_slots: int = 64, num_warps: int = 8, dict_precision: str = "tf32", num_stages: int = 1):
     """Run the kernel over q, k [B, H, T, dk] (unit-norm), v [B, H, T, dv] from an empty dictionary.
 
     Returns o [B, H, T, dv] (input dtype; a transposed view of [B, T, H, dv] memory), lse [B, H, T] float32,
@@ -222,6 +255,7 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     L, N = cfg.chunk_size, cfg.dict_size
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n_chunks = -(-T // L)
+    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     n_write = T // L
     dev = q.device
     nact, msp = schedule_tensors(cfg, n_chunks, n_write, dev)
@@ -240,6 +274,6 @@ def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
         q, k, v, beta.to(torch.float32).contiguous(), sk, sv, cnt, nact, msp, ranks, o, lse, z,
         T, H, N, n_write, n_chunks, o.stride(0), o.stride(1), o.stride(2),
         L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread, NORMALIZE=cfg.normalize_centroids,
-        IEEE=exact_dots(q.dtype), DICT_TF32=dict_tf32, num_warps=num_warps,
+        IEEE=exact_dots(q.dtype), DICT=dmode, num_warps=num_warps,
         num_stages=num_stages)
     return o, lse, z[:, :, : n_write * L], sk, sv, cnt

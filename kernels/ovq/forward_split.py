@@ -32,13 +32,23 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import _assign, _dict_dot, _dot, _slot_tile, exact_dots, random_ranks, schedule_tensors
+from .forward import (
+    _assign,
+    _dict_dot,
+    _dot,
+    _key_dot,
+    _slot_tile,
+    dict_mode,
+    exact_dots,
+    random_ranks,
+    schedule_tensors,
+)
 
 
 @triton.jit
 def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
              P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-             NORMALIZE: tl.constexpr, IEEE: tl.constexpr, DICT_TF32: tl.constexpr):
+             NORMALIZE: tl.constexpr, IEEE: tl.constexpr, DICT: tl.constexpr):
     """Partial read and assignment of chunk c over program p's slots; stores m, l [L], acc [L, DV], best [L]
     and its slot index [L] into parity buffer c % 2."""
     rows = tl.arange(0, L)
@@ -65,7 +75,7 @@ def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PI
         sk, cnt, scale = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
         inv = 1.0 / scale
         skt = tl.trans(sk)
-        s = _dict_dot(q, skt, IEEE, DICT_TF32) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
+        s = _key_dot(q, skt, IEEE, DICT) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
         s = tl.where(smask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -73,9 +83,9 @@ def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PI
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                      cache_modifier=".cg")
-        acc = acc * alpha[:, None] + _dict_dot(pr / cnt[None, :], sv, IEEE, DICT_TF32)  # D_v = S_v / c
+        acc = acc * alpha[:, None] + _dict_dot(pr / cnt[None, :], sv, IEEE, DICT)  # D_v = S_v / c
         m_i = m_new
-        sim = _dict_dot(k, skt, IEEE, DICT_TF32) * inv[None, :]
+        sim = _key_dot(k, skt, IEEE, DICT) * inv[None, :]
         sim = tl.where(smask[None, :], sim, float("-inf"))
         tile_best = tl.max(sim, axis=1)
         tile_idx = (tl.argmax(sim, axis=1).to(tl.int32) + t0) * P + p
@@ -178,7 +188,7 @@ def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL,
                          OUT, LSE, Z, T, H, N, n_write, n_chunks, so_b, so_h, so_t,
                          P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                          BN: tl.constexpr, SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-                         DICT_TF32: tl.constexpr):
+                         DICT: tl.constexpr):
     """Persistent: grid (B * H * P,), every chunk in one launch."""
     pid = tl.program_id(0)
     bh = pid // P
@@ -187,7 +197,7 @@ def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL,
     beta = tl.load(BETA + bh % H).to(tl.float32)
     for c in range(0, n_chunks):
         _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
-                 P, L, DK, DV, BN, NORMALIZE, IEEE, DICT_TF32)
+                 P, L, DK, DV, BN, NORMALIZE, IEEE, DICT)
         _barrier(FLAGS + bh * P, p, c + 1, P)
         _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX, OUT, LSE, Z,
                  T, H, N, n_write, so_b, so_h, so_t, P, L, DK, DV, SPREAD, IEEE)
@@ -198,13 +208,13 @@ def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL,
 def ovq_split_read_kernel(c, Q, K, V, BETA, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, H, N,
                           P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                           BN: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-                          DICT_TF32: tl.constexpr):
+                          DICT: tl.constexpr):
     """Stepped phase A of chunk c: grid (B * H * P,)."""
     pid = tl.program_id(0)
     bh = pid // P
     beta = tl.load(BETA + bh % H).to(tl.float32)
     _phase_a(c, bh, pid % P, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
-             P, L, DK, DV, BN, NORMALIZE, IEEE, DICT_TF32)
+             P, L, DK, DV, BN, NORMALIZE, IEEE, DICT)
 
 
 @triton.jit
@@ -241,7 +251,7 @@ def _sm_count(device: torch.device) -> int:
 
 def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                              cfg: OVQConfig, programs: int | None = None, stepped: bool | None = None,
-                             block_slots: int = 64, num_warps: int = 8, dict_tf32: bool = True):
+                             block_slots: int = 64, num_warps: int = 8, dict_precision: str = "tf32"):
     """`ovq_forward_triton`'s contract (same inputs, outputs and results) with the slots split over
     `programs` programs per (batch, head) (a power of two <= chunk_size; default `split_programs`).
     stepped: two launches per chunk instead of one persistent launch (default: only when P > 1 under
@@ -251,6 +261,7 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     L, N = cfg.chunk_size, cfg.dict_size
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dev = q.device
+    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     bn = max(16, min(block_slots, triton.next_power_of_2(N)))
     sms = _sm_count(dev)
     P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
@@ -290,7 +301,7 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             ovq_split_read_kernel[grid](
                 c, q, k, v, beta32, sk, sv, cnt, nact, pm, pl, pacc, pbest, pidx, T, H, N,
                 P=P, L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, IEEE=ieee,
-                DICT_TF32=dict_tf32, num_warps=num_warps, num_stages=1)
+                DICT=dmode, num_warps=num_warps, num_stages=1)
             ovq_split_write_kernel[grid](
                 c, k, v, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, o, lse, z,
                 T, H, N, n_write, *so, P=P, L=L, DK=DK, DV=DV, SPREAD=spread, IEEE=ieee, num_warps=4)
@@ -299,6 +310,6 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         ovq_fwd_split_kernel[grid](
             q, k, v, beta32, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, flags, o, lse, z,
             T, H, N, n_write, n_chunks, *so, P=P, L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread,
-            NORMALIZE=cfg.normalize_centroids, IEEE=ieee, DICT_TF32=dict_tf32, num_warps=num_warps,
+            NORMALIZE=cfg.normalize_centroids, IEEE=ieee, DICT=dmode, num_warps=num_warps,
             num_stages=1)
     return o, lse, z[:, :, : n_write * L], sk, sv, cnt

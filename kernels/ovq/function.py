@@ -37,12 +37,13 @@ class OVQCoreFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False, variant: str = "per_head"):
+    def forward(ctx, q, k, v, beta, cfg: OVQConfig, normalize_qk: bool = False, variant: str = "per_head",
+                dict_precision: str = "tf32"):
         forward, _ = kernels_for(variant)
         qn, kn = (_unit(q), _unit(k)) if normalize_qk else (q, k)
-        o, lse, z, sk, sv, cnt = forward(qn, kn, v, beta, cfg)
+        o, lse, z, sk, sv, cnt = forward(qn, kn, v, beta, cfg, dict_precision=dict_precision)
         ctx.save_for_backward(q, k, v, o, lse, z, beta, sk, sv, cnt)
-        ctx.cfg, ctx.normalize_qk, ctx.variant = cfg, normalize_qk, variant
+        ctx.cfg, ctx.normalize_qk, ctx.variant, ctx.dict_precision = cfg, normalize_qk, variant, dict_precision
         return o
 
     @staticmethod
@@ -50,13 +51,14 @@ class OVQCoreFunction(torch.autograd.Function):
         q, k, v, o, lse, z, beta, sk, sv, cnt = ctx.saved_tensors
         _, backward = kernels_for(ctx.variant)
         qn, kn = (_unit(q), _unit(k)) if ctx.normalize_qk else (q, k)
-        dq, dk, dv, dbeta = backward(qn, kn, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg)
+        dq, dk, dv, dbeta = backward(qn, kn, v, o, do, lse, z, beta, sk, sv, cnt, ctx.cfg,
+                                     dict_precision=ctx.dict_precision)
         del qn, kn
         if ctx.normalize_qk:
             dq, dk = unit_norm_backward(q, dq), unit_norm_backward(k, dk)
         need = ctx.needs_input_grad
         return (dq.to(q.dtype) if need[0] else None, dk.to(k.dtype) if need[1] else None,
-                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None, None)
+                dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None, None, None, None, None)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,9 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 
 
 def ovq_core_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                    cfg: OVQConfig, normalize_qk: bool = False, variant: str = "per_head") -> torch.Tensor:
+                    cfg: OVQConfig, normalize_qk: bool = False, variant: str = "per_head",
+                    dict_precision: str = "tf32") -> torch.Tensor:
     """Differentiable core output o [B, H, T, dv] through the Triton kernels of `variant`; q and k unit-norm,
-    or raw with normalize_qk (normalised inside, see OVQCoreFunction)."""
-    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk, variant)
+    or raw with normalize_qk (normalised inside, see OVQCoreFunction); dict_precision: see
+    `forward.dict_mode`."""
+    return OVQCoreFunction.apply(q, k, v, beta, cfg, normalize_qk, variant, dict_precision)
