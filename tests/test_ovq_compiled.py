@@ -27,12 +27,12 @@ def kernels():
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {r["name"]: compiled.CompiledKernel(r["name"], r["shared"], r["registers"], r["spill_bytes"],
+    return {(r["name"], r["dict"]): compiled.CompiledKernel(r["name"], r["shared"], r["registers"], r["spill_bytes"],
                                                collections.Counter(r["opcodes"])) for r in rows}
 
 
 def test_every_kernel_compiles_for_sm90_within_shared_memory(kernels):
-    assert set(kernels) == set(_FENCES_ALLOWED)
+    assert set(kernels) == {(name, mode) for name in _FENCES_ALLOWED for mode in ("tf32", "bf16x2")}
     for k in kernels.values():
         assert 0 < k.shared <= 227 * 1024, (k.name, k.shared)  # H100/H200: 227 KiB per block at most
         assert 0 < k.registers <= 255, (k.name, k.registers)
@@ -41,12 +41,12 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory(kernels):
 def test_dictionary_sums_are_fence_free_reductions(kernels):
     """The running sums are added with relaxed atomics: a REDG per element and no fence around each (an
     acq_rel atomic puts a MEMBAR.ALL.GPU before every element)."""
-    for name, k in kernels.items():
+    for (name, _), k in kernels.items():
         assert k.opcodes["MEMBAR.ALL.GPU"] <= _FENCES_ALLOWED[name], (name, k.opcodes["MEMBAR.ALL.GPU"])
         float_atomics = sum(n for op, n in k.opcodes.items() if op.startswith("ATOMG") and ".F32" in op)
         assert float_atomics == 0, name
     for name in ("ovq_fwd_kernel", "ovq_bwd_kernel", "ovq_fwd_split_kernel", "ovq_bwd_split_kernel"):
-        reductions = sum(n for op, n in kernels[name].opcodes.items() if op.startswith("REDG") and ".F32" in op)
+        reductions = sum(n for op, n in kernels[name, "tf32"].opcodes.items() if op.startswith("REDG") and ".F32" in op)
         assert reductions > 0, name
 
 

@@ -94,15 +94,16 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int = 90, act
                           int(spill.group(1)) if spill else -1, opcodes)
 
 
-def issue_shape_kernels(programs: int = 8) -> list[tuple]:
-    """(kernel, constexprs, num_warps) for every OVQ kernel at the issue-4 shape and the layer's defaults."""
+def issue_shape_kernels(programs: int = 8, dict_mode: str = "tf32") -> list[tuple]:
+    """(kernel, constexprs, num_warps) for every OVQ kernel at the issue-4 shape and the layer's defaults, with
+    the dictionary products in `dict_mode` (see forward.dict_mode)."""
     from .backward import ovq_bwd_kernel
     from .backward_split import ovq_bwd_split_kernel
     from .decode import ovq_decode_kernel
     from .forward import ovq_fwd_kernel
     from .forward_split import ovq_fwd_split_kernel
 
-    shape = dict(L=64, DK=128, DV=128, NORMALIZE=True, IEEE=False, DICT="tf32")
+    shape = dict(L=64, DK=128, DV=128, NORMALIZE=True, IEEE=False, DICT=dict_mode)
     return [
         (ovq_fwd_kernel, dict(shape, BN=64, SPREAD=True), 8),
         (ovq_fwd_split_kernel, dict(shape, BN=64, SPREAD=True, P=programs), 8),
@@ -116,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--programs", type=int, default=8)
+    ap.add_argument("--dict", default="tf32,bf16x2", help="dictionary precision modes, comma-separated")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel, with every opcode count")
     args = ap.parse_args()
     if not tools_available():
@@ -123,17 +125,19 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("TRITON_INTERPRET is set: unset it to compile the kernels (no GPU is needed)")
     if not args.json:
-        print("| kernel | sm | shared KiB | registers | spill B | MEMBAR.ALL.GPU | float atomics (ATOMG / REDG) |")
-        print("|---|---|---|---|---|---|---|")
-    for kernel, consts, warps in issue_shape_kernels(args.programs):
+        print("| kernel | dict | sm | shared KiB | registers | spill B | MEMBAR.ALL.GPU | float atomics "
+              "(ATOMG / REDG) |")
+        print("|---|---|---|---|---|---|---|---|")
+    for mode, (kernel, consts, warps) in ((m, row) for m in args.dict.split(",")
+                                          for row in issue_shape_kernels(args.programs, m)):
         k = compile_kernel(kernel, consts, warps, args.arch)
         if args.json:
-            print(json.dumps(dict(name=k.name, arch=args.arch, shared=k.shared, registers=k.registers,
+            print(json.dumps(dict(name=k.name, dict=mode, arch=args.arch, shared=k.shared, registers=k.registers,
                                   spill_bytes=k.spill_bytes, opcodes=dict(k.opcodes))))
             continue
         atom = sum(n for op, n in k.opcodes.items() if op.startswith("ATOMG") and ".F32" in op)
         red = sum(n for op, n in k.opcodes.items() if op.startswith("REDG") and ".F32" in op)
-        print(f"| {k.name} | {args.arch} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_bytes} | "
+        print(f"| {k.name} | {mode} | {args.arch} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_bytes} | "
               f"{k.opcodes['MEMBAR.ALL.GPU']} | {atom} / {red} |")
 
 
