@@ -1,9 +1,10 @@
 # ruff: noqa: B023  (closures are timed immediately, inside the loop iteration that made them)
 """Kernel-level timings of the OVQ core against SDPA (GPU): `python -m ovqprof.kernels.ovq.bench`.
 
-Times the core alone (no projections) for the shapes of issue 4 and prints one table: forward, forward +
-backward, and the decode read, with the dictionary products in tf32 or bf16. Used to tune the kernels; the
-numbers users see come from `ovqprof sweep` (whole layers).
+Times the core alone (no projections) for the shapes of issue 4 and prints one line per configuration:
+forward for each kernel variant (per_head, split), dictionary precision (tf32, bf16x2, bf16) and slot block,
+the split forward at several programs per head, forward + backward per variant and precision, and the decode
+read. Used to tune the kernels; the numbers users see come from `ovqprof sweep` (whole layers).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from triton.testing import do_bench
 
 from .config import OVQConfig, active_after
 from .decode import ovq_decode_triton
-from .forward import ovq_forward_triton
-from .function import OVQCoreFunction
+from .forward import DICT_PRECISIONS
+from .forward_split import ovq_forward_split_triton
+from .function import VARIANTS, kernels_for, ovq_core_triton
 
 
 def _time(fn) -> str:
@@ -45,24 +47,29 @@ def main() -> None:
         beta = torch.full((H,), d ** 0.5, device=dev)
         print(f"T={T} sdpa fwd ms {_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}",
               flush=True)
-        for tf32 in (True, False):
-            for block in (32, 64):
-                for warps in (4, 8):
-                    for stages in (1, 2):
-                        ms = _time(lambda: ovq_forward_triton(q, k, v, beta, cfg, block, warps, tf32, stages))
-                        print(f"T={T} ovq fwd tf32={tf32} BN={block} warps={warps} stages={stages} ms {ms}",
-                              flush=True)
+        for variant in VARIANTS:
+            forward, _ = kernels_for(variant)
+            for precision in DICT_PRECISIONS:
+                for block in (32, 64):
+                    ms = _time(lambda: forward(q, k, v, beta, cfg, block_slots=block, dict_precision=precision))
+                    print(f"T={T} ovq fwd {variant} dict={precision} BN={block} ms {ms}", flush=True)
+        for programs in (2, 4, 8, 16):
+            for stepped in (False, True):
+                ms = _time(lambda: ovq_forward_split_triton(q, k, v, beta, cfg, programs=programs, stepped=stepped))
+                print(f"T={T} ovq fwd split P={programs} stepped={stepped} ms {ms}", flush=True)
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         do = torch.randn_like(v)
 
         def sdpa_fb():
             F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do)
 
-        def ovq_fb():
-            OVQCoreFunction.apply(qg, kg, vg, beta, cfg).backward(do)
-
         print(f"T={T} sdpa fwd+bwd ms {_time(sdpa_fb)}", flush=True)
-        print(f"T={T} ovq fwd+bwd ms {_time(ovq_fb)}", flush=True)
+        for variant in VARIANTS:
+            for precision in DICT_PRECISIONS:
+                def ovq_fb():
+                    ovq_core_triton(qg, kg, vg, beta, cfg, variant=variant, dict_precision=precision).backward(do)
+
+                print(f"T={T} ovq fwd+bwd {variant} dict={precision} ms {_time(ovq_fb)}", flush=True)
         n = active_after(cfg, T)
         keys = F.normalize(torch.randn(B, H, args.slots, d, device=dev), dim=-1)
         vals = torch.randn(B, H, args.slots, d, device=dev)
