@@ -32,7 +32,8 @@ def kernels():
 
 
 def test_every_kernel_compiles_for_sm90_within_shared_memory(kernels):
-    assert set(kernels) == {(name, mode) for name in _FENCES_ALLOWED for mode in ("tf32", "bf16x2")}
+    dict_kernels = set(_FENCES_ALLOWED) - {"ovq_decode_kernel"}
+    assert set(kernels) == {(n, m) for n in dict_kernels for m in ("tf32", "bf16x2")} | {("ovq_decode_kernel", "tf32")}
     for k in kernels.values():
         assert 0 < k.shared <= 227 * 1024, (k.name, k.shared)  # H100/H200: 227 KiB per block at most
         assert 0 < k.registers <= 255, (k.name, k.registers)
