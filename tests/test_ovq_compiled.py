@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(not compiled.tools_available(),
 
 # A persistent split kernel has exactly one GPU-wide fence per barrier: the release before it signals.
 _FENCES_ALLOWED = {"ovq_fwd_kernel": 0, "ovq_bwd_kernel": 0, "ovq_decode_kernel": 0,
-                   "ovq_fwd_split_kernel": 1, "ovq_bwd_split_kernel": 1}
+                   "ovq_fwd_split_kernel": 1, "ovq_bwd_split_kernel": 1, "ovq_split_read_kernel": 0,
+                   "ovq_split_write_kernel": 0, "ovq_bwd_split_slots_kernel": 0, "ovq_bwd_split_rows_kernel": 0}
+_NO_DICT = {"ovq_decode_kernel", "ovq_split_write_kernel", "ovq_bwd_split_rows_kernel"}  # no DICT modes
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def kernels():
 
 
 def test_every_kernel_compiles_for_sm90_within_shared_memory(kernels):
-    dict_kernels = set(_FENCES_ALLOWED) - {"ovq_decode_kernel"}
-    assert set(kernels) == {(n, m) for n in dict_kernels for m in ("tf32", "bf16x2")} | {("ovq_decode_kernel", "tf32")}
+    with_modes = {(n, m) for n in set(_FENCES_ALLOWED) - _NO_DICT for m in ("tf32", "bf16x2")}
+    assert set(kernels) == with_modes | {(n, "tf32") for n in _NO_DICT}
     for k in kernels.values():
-        assert 0 < k.shared <= 227 * 1024, (k.name, k.shared)  # H100/H200: 227 KiB per block at most
+        assert 0 <= k.shared <= 227 * 1024, (k.name, k.shared)  # H100/H200: 227 KiB per block at most
         assert 0 < k.registers <= 255, (k.name, k.registers)
 
 
@@ -46,7 +48,8 @@ def test_dictionary_sums_are_fence_free_reductions(kernels):
         assert k.opcodes["MEMBAR.ALL.GPU"] <= _FENCES_ALLOWED[name], (name, k.opcodes["MEMBAR.ALL.GPU"])
         float_atomics = sum(n for op, n in k.opcodes.items() if op.startswith("ATOMG") and ".F32" in op)
         assert float_atomics == 0, name
-    for name in ("ovq_fwd_kernel", "ovq_bwd_kernel", "ovq_fwd_split_kernel", "ovq_bwd_split_kernel"):
+    for name in ("ovq_fwd_kernel", "ovq_bwd_kernel", "ovq_fwd_split_kernel", "ovq_bwd_split_kernel",
+                 "ovq_split_write_kernel", "ovq_bwd_split_slots_kernel"):
         reductions = sum(n for op, n in kernels[name, "tf32"].opcodes.items() if op.startswith("REDG") and ".F32" in op)
         assert reductions > 0, name
 

@@ -98,10 +98,10 @@ def issue_shape_kernels(programs: int = 8, dict_mode: str = "tf32") -> list[tupl
     """(kernel, constexprs, num_warps) for every OVQ kernel at the issue-4 shape and the layer's defaults, with
     the dictionary products in `dict_mode` (see forward.dict_mode)."""
     from .backward import ovq_bwd_kernel
-    from .backward_split import ovq_bwd_split_kernel
+    from .backward_split import ovq_bwd_split_kernel, ovq_bwd_split_rows_kernel, ovq_bwd_split_slots_kernel
     from .decode import ovq_decode_kernel
     from .forward import ovq_fwd_kernel
-    from .forward_split import ovq_fwd_split_kernel
+    from .forward_split import ovq_fwd_split_kernel, ovq_split_read_kernel, ovq_split_write_kernel
 
     shape = dict(L=64, DK=128, DV=128, NORMALIZE=True, IEEE=False, DICT=dict_mode)
     return [
@@ -110,6 +110,11 @@ def issue_shape_kernels(programs: int = 8, dict_mode: str = "tf32") -> list[tupl
         (ovq_bwd_kernel, dict(shape, BN=32, THROUGH_STATE=True), 8),
         (ovq_bwd_split_kernel, dict(shape, BN=32, THROUGH_STATE=True, P=programs), 8),
         (ovq_decode_kernel, dict(DK=128, DV=128, BN=64, BL=64, NORMALIZE=True), 4),  # float32 math, no DICT
+        # The stepped split path (two launches per chunk), used when the grid exceeds the GPU.
+        (ovq_split_read_kernel, dict(shape, BN=64, P=programs), 8),
+        (ovq_split_write_kernel, dict(L=64, DK=128, DV=128, IEEE=False, SPREAD=True, P=programs), 4),
+        (ovq_bwd_split_slots_kernel, dict(shape, BN=32, THROUGH_STATE=True, P=programs), 8),
+        (ovq_bwd_split_rows_kernel, dict(L=64, DK=128, DV=128, THROUGH_STATE=True, P=programs), 4),
     ]
 
 
