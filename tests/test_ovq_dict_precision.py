@@ -11,7 +11,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from decode_helpers import decode_all
+from ovq_kernel_inputs import ovq_inputs
 
 from ovqprof.kernels.ovq import OVQConfig, ovq_chunked
 from ovqprof.layers.ovq import OVQAttention, OVQOptions
@@ -65,12 +66,7 @@ def test_dict_mode_checks_and_float32_is_exact():
 
 
 def _inputs(T: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, H, T, D, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, D, generator=gen), dim=-1)
-    v = torch.randn(B, H, T, D, generator=gen)
-    beta = 3.0 + torch.rand(H, generator=gen)
-    return [t.to(DEVICE, torch.bfloat16) for t in (q, k, v)] + [beta.to(DEVICE)]
+    return ovq_inputs(B, H, T, D, torch.bfloat16, seed, DEVICE)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -113,9 +109,5 @@ def test_layer_bf16x2_decode_matches_forward():
     x = torch.randn(2, 75, 64, generator=torch.Generator().manual_seed(51)).to(DEVICE, torch.bfloat16)
     with torch.no_grad():
         full = layer(x)
-        y, state = layer.prefill(x[:, :37])
-        outs = [y]
-        for t in range(37, 75):
-            y_t, state = layer.step(x[:, t : t + 1], state)
-            outs.append(y_t)
-    assert rel_rms_error(torch.cat(outs, dim=1), full) <= tolerance_for(torch.bfloat16)
+        streamed, _ = decode_all(layer, x, prefix=37)  # crosses two flushes
+    assert rel_rms_error(streamed, full) <= tolerance_for(torch.bfloat16)

@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from autograd_helpers import saved_storage_bytes
+from ovq_kernel_inputs import ovq_inputs
 
 from ovqprof.kernels.ovq import OVQConfig, active_after, ovq_chunked
 from ovqprof.kernels.ovq.reference import centroid_keys, read
@@ -32,12 +32,7 @@ L, N = 16, 40
 
 
 def _inputs(T: int, dtype: torch.dtype, seed: int, dk: int = D):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, H, T, dk, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, dk, generator=gen), dim=-1)
-    v = torch.randn(B, H, T, dk, generator=gen)
-    beta = 3.0 + torch.rand(H, generator=gen)
-    return [t.to(DEVICE, dtype) for t in (q, k, v)] + [beta.to(DEVICE)]
+    return ovq_inputs(B, H, T, dk, dtype, seed, DEVICE)
 
 
 def _tol(dtype: torch.dtype) -> float:

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from ovq_kernel_inputs import ovq_inputs
 
 from ovqprof.kernels.ovq import OVQConfig, active_after, ovq_chunked
 from ovqprof.layers.ovq import OVQAttention, OVQOptions
@@ -34,12 +35,7 @@ ON_GPU = DEVICE == "cuda"
 
 
 def _inputs(T: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, H, T, D, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, D, generator=gen), dim=-1)
-    v = torch.randn(B, H, T, D, generator=gen)
-    beta = 3.0 + torch.rand(H, generator=gen)
-    return [t.to(DEVICE, dtype) for t in (q, k, v)] + [beta.to(DEVICE)]
+    return ovq_inputs(B, H, T, D, dtype, seed, DEVICE)
 
 
 def _check_against_reference(cfg: OVQConfig, T: int, programs: int, stepped: bool, seed: int) -> None:

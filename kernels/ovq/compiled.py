@@ -41,6 +41,11 @@ class CompiledKernel:
     spill_bytes: int
     opcodes: collections.Counter
 
+    def float_atomics(self, prefix: str) -> int:
+        """Float32 atomic instructions of one kind: "ATOMG" (returns a value, or ordered) or "REDG" (a
+        fire-and-forget reduction)."""
+        return sum(n for op, n in self.opcodes.items() if op.startswith(prefix) and ".F32" in op)
+
 
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
@@ -142,10 +147,8 @@ def main() -> None:
             print(json.dumps(dict(name=k.name, dict=mode, arch=args.arch, shared=k.shared, registers=k.registers,
                                   spill_bytes=k.spill_bytes, opcodes=dict(k.opcodes))))
             continue
-        atom = sum(n for op, n in k.opcodes.items() if op.startswith("ATOMG") and ".F32" in op)
-        red = sum(n for op, n in k.opcodes.items() if op.startswith("REDG") and ".F32" in op)
         print(f"| {k.name} | {mode} | {args.arch} | {k.shared / 1024:.0f} | {k.registers} | {k.spill_bytes} | "
-              f"{k.opcodes['MEMBAR.ALL.GPU']} | {atom} / {red} |")
+              f"{k.opcodes['MEMBAR.ALL.GPU']} | {k.float_atomics('ATOMG')} / {k.float_atomics('REDG')} |")
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ def _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, 
             tl.store(Z + bh * (n_write * L) + pos, z)
         own = (z % P) == p
         # Relaxed: only this program reads its sums, after a block barrier (see forward.py).
-        sk_ptr = SK + bh * N * DK + z[:, None] * DK + dk[None, :]
-        tl.atomic_add(sk_ptr, k.to(tl.float32), mask=own[:, None], sem="relaxed")
+        tl.atomic_add(SK + bh * N * DK + z[:, None] * DK + dk[None, :], k.to(tl.float32), mask=own[:, None],
+                      sem="relaxed")
         tl.atomic_add(SV + bh * N * DV + z[:, None] * DV + dv[None, :], v.to(tl.float32), mask=own[:, None],
                       sem="relaxed")
         tl.atomic_add(CNT + bh * N + z, tl.full([L], 1.0, tl.float32), mask=own, sem="relaxed")
