@@ -2,8 +2,10 @@
 
 The layer is projections around the core in `ovqprof.kernels.ovq`: q, k, v = x W_q, x W_k, x W_v split into H
 heads, q and k L2-normalised per head (no positional encoding), the core's output merged and projected by W_o.
-The algorithm, and every choice this project made where the paper is silent, is in
-`../shared/design/ovq-attention.md`; the options below map one to one onto `OVQConfig`.
+The algorithm, and every choice this project made where the paper is silent, is in the README's "How
+OVQ-attention works here"; the options below map one to one onto `OVQConfig`. The defaults are this project's
+variant; `assign: chunk_start`, `init: spread_topm`, `normalize_centroids: false` (and, as switches of that
+code, `count_bias: false`, `value_update: delta`) run the public implementation's (recursal/KVM-paper).
 """
 
 from __future__ import annotations
@@ -36,9 +38,18 @@ class OVQOptions(LayerOptions):
                                   "linear rate t, full t (capped at N)")
     alpha: float = Field(128.0, gt=0, description="concentration of the dp schedule")
     rate: float = Field(0.125, gt=0, le=1, description="slots per token of the linear schedule")
-    init: Literal["spread", "random"] = Field(
-        "spread", description="new slots' keys: spread (farthest-first from the chunk) or random (seeded)")
+    init: Literal["spread", "random", "spread_topm"] = Field(
+        "spread", description="new slots' keys: spread (farthest-first from the chunk), random (seeded) or "
+                              "spread_topm (one shot: the m keys least similar to the chunk-start dictionary)")
     seed: int = Field(0, description="seed of init: random")
+    assign: Literal["with_spawned", "chunk_start"] = Field(
+        "with_spawned", description="slots a non-spawning token may join: with_spawned (all active, just spawned "
+                                    "included) or chunk_start (those active at the chunk start; slot 0 if none)")
+    count_bias: bool = Field(True, description="add log count to the read's dictionary logits (else counts only "
+                                               "set the learning rate)")
+    value_update: Literal["mean", "delta"] = Field(
+        "mean", description="value centroids: mean (running mean) or delta (move by the residual v - R(k) of a "
+                            "dictionary-only read; PyTorch reference on every device)")
     lr: Literal["adaptive", "constant"] = Field(
         "adaptive", description="centroid update: adaptive (running mean, step 1/count) or constant (step eta)")
     eta: float = Field(0.1, gt=0, le=1, description="step of lr: constant")
@@ -100,7 +111,8 @@ class OVQAttention(SequenceLayer):
         try:
             self.config = OVQConfig(
                 dict_size=o.dict_size, chunk_size=o.chunk_size, growth=o.growth, alpha=o.alpha, rate=o.rate,
-                init=o.init, seed=o.seed, lr=o.lr, eta=o.eta, normalize_centroids=o.normalize_centroids,
+                init=o.init, seed=o.seed, assign=o.assign, count_bias=o.count_bias, value_update=o.value_update,
+                lr=o.lr, eta=o.eta, normalize_centroids=o.normalize_centroids,
                 grad_through_state=o.grad_through_state)
         except ValueError as exc:  # options validate their own ranges; this is a safety net
             raise LayerConfigError("options", str(exc), o.model_dump(), "see `ovqprof layers`") from exc
@@ -211,8 +223,8 @@ class OVQAttention(SequenceLayer):
         q, k, v = (t.to(self.dtype).to(self.accum_dtype) for t in self.project(x_t))  # [B, H, 1, dh]
         o = ovq_decode_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.beta.float(), state.keys, state.values,
                               state.counts, state.active, state.buf_k, state.buf_v, state.buf_len,
-                              self.config.normalize_centroids)
-        return self._output(o.unsqueeze(2), x_t.dtype), advance(k, v, self.config, state)
+                              self.config.normalize_centroids, count_bias=self.config.count_bias)
+        return self._output(o.unsqueeze(2), x_t.dtype), advance(k, v, self.config, state, self.beta.float())
 
     @torch.no_grad()
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -239,12 +251,13 @@ class OVQAttention(SequenceLayer):
         keys, values, counts = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, dv), k.new_zeros(B, H, 0)
         for c in range(written // L):
             chunk = slice(c * L, (c + 1) * L)
-            keys, values, counts, _ = write(k[:, :, chunk], v[:, :, chunk], keys, values, counts, self.config, c)
+            keys, values, counts, _ = write(k[:, :, chunk], v[:, :, chunk], keys, values, counts, self.config, c,
+                                            beta)
         slots_k = torch.cat([centroid_keys(keys, self.config), k[:, :, written:]], dim=2)
         slots_v = torch.cat([values, v[:, :, written:]], dim=2)
         counts = torch.cat([counts, counts.new_ones(B, H, k.shape[2] - written)], dim=2)
         no_local_k, no_local_v = k.new_zeros(B, H, 0, dk), v.new_zeros(B, H, 0, dv)
-        return read(q, no_local_k, no_local_v, beta, slots_k, slots_v, counts)
+        return read(q, no_local_k, no_local_v, beta, slots_k, slots_v, counts, self.config.count_bias)
 
     def state_bytes(self, batch: int, seq: int) -> int:
         """B * H * (N * (dk + dv + 1) + (L - 1) * (dk + dv)) * math bytes: dictionary, counts and buffer,
@@ -268,6 +281,8 @@ class OVQAttention(SequenceLayer):
             flops += 2 * L * (n + L) * 2 * dh
             if (c + 1) * L <= seq:  # a full chunk is also written (the last partial one only reads)
                 flops += 2 * L * (n + m) * dh + 2 * L * 2 * dh
+                if cfg.value_update == "delta":  # the residuals' dictionary-only read at every key
+                    flops += 2 * L * n * 2 * dh
             dict_elems += n * (2 * dh + 1)
         return flops, dict_elems
 
@@ -292,6 +307,10 @@ class OVQAttention(SequenceLayer):
 
     def implementation(self) -> str:
         if not self.uses_triton:
+            # On a GPU, say why the kernels did not run (e.g. value_update: delta), so a row is never mistaken
+            # for a kernel measurement.
+            if self.device.type == "cuda" and self.options.impl == "auto" and self._triton_problem:
+                return f"torch-chunked ({self._triton_problem})"
             return "torch-chunked"
         impl = "triton" if self.options.triton_variant == "per_head" else "triton-split"
         precision = self.options.dict_precision

@@ -2,7 +2,9 @@
 
 The number of active slots depends only on how many tokens have been written, never on the data, so it is
 one Python integer for every batch element and head: kernels and the reference can slice the dictionary to
-its active part instead of masking. See `../shared/design/ovq-attention.md` (section B) for the algorithm.
+its active part instead of masking. The algorithm is described in the README's "How OVQ-attention works here";
+the write-rule options (`assign`, `init: spread_topm`, `count_bias`, `value_update`) select between this
+project's variant (the defaults) and the public implementation's (recursal/KVM-paper, `model/ovq_mixer.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Growth = Literal["saturating", "dp", "linear", "full"]
-Init = Literal["spread", "random"]
+Init = Literal["spread", "random", "spread_topm"]
 LearningRate = Literal["adaptive", "constant"]
+Assign = Literal["with_spawned", "chunk_start"]
+ValueUpdate = Literal["mean", "delta"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,14 @@ class OVQConfig:
     growth: target active count g(t) after t written tokens (capped at N):
         saturating N t / (N + t); dp alpha ln(1 + t / alpha); linear rate t; full t.
     init: how spawned slots pick their keys from the chunk (spread: k-means++ style farthest-first; random:
-        uniform, seeded per chunk).          seed: the random init's seed.
+        uniform, seeded per chunk; spread_topm: one shot, the m keys least similar to the chunk-start
+        dictionary, or with an empty dictionary the first key and the m - 1 keys least similar to it, slots in
+        increasing order of that similarity, ties to the lower position).          seed: the random init's seed.
+    assign: which slots a non-spawning token may join: with_spawned (every active slot, those just spawned
+        included) or chunk_start (only those active at the chunk start; all join slot 0 if there were none).
+    count_bias: add log c[i] to the read's dictionary logits (else beta q.D_k alone; counts only set the step).
+    value_update: mean (values are running means, like keys) or delta (slot i's value moves by the sum of the
+        residuals r_j = v_j - R(k_j) of its tokens over c'_i, R a read of the chunk-start dictionary alone).
     lr: adaptive (running mean, step 1/count) or constant (step eta towards the chunk mean).
     normalize_centroids: score with D_k = Mk / |Mk| (else Mk).
     grad_through_state: False detaches the dictionary at every chunk boundary.
@@ -37,6 +48,9 @@ class OVQConfig:
     rate: float = 0.125
     init: Init = "spread"
     seed: int = 0
+    assign: Assign = "with_spawned"
+    count_bias: bool = True
+    value_update: ValueUpdate = "mean"
     lr: LearningRate = "adaptive"
     eta: float = 0.1
     normalize_centroids: bool = True
@@ -51,6 +65,9 @@ class OVQConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 < self.eta <= 1:
             raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        if self.value_update == "delta" and self.lr != "adaptive":
+            # The delta rule's step is 1/c' (the public implementation's); a constant step is not defined for it.
+            raise ValueError("value_update: delta needs lr: adaptive (its step is 1/count)")
 
 
 def growth_target(cfg: OVQConfig, tokens: int) -> float:
@@ -94,8 +111,12 @@ def triton_unsupported(cfg: OVQConfig, dk: int, dv: int) -> str | None:
 
     if cfg.lr != "adaptive":
         return "lr: constant runs on the PyTorch reference"
+    if cfg.value_update != "mean":
+        return "value_update: delta runs on the PyTorch reference"
     if not (pow2(cfg.chunk_size) and pow2(dk) and pow2(dv)):
         return "chunk_size and head_dim must be powers of two >= 16"
+    if cfg.assign != "with_spawned" or cfg.init == "spread_topm" or not cfg.count_bias:
+        return "assign: chunk_start, init: spread_topm and count_bias: false run on the PyTorch reference"
     if cfg.chunk_size > 128 or max(dk, dv) > 256:
         return "chunk_size <= 128 and head_dim <= 256"
     return None

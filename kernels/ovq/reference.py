@@ -8,9 +8,11 @@ slots a chunk spawns, which sum to at most N over a whole sequence). Math runs i
 Per chunk (positions cL .. cL+L-1), with the dictionary frozen at the chunk start (design doc section B):
 1. read: one softmax over the n active slots (logit beta q.D_k[i] + log c[i]) and the chunk's own keys
    j <= t (logit beta q.k_j); output sum_i p_i D_v[i] + sum_j p_j v_j;
-2. grow: spawn m = active_after(end) - n slots from the chunk's keys (spread or random init);
-3. merge: every other token goes to argmax_i k.D_k[i] over the active slots; running-mean (or constant-step)
-   update of keys, values and counts.
+2. grow: spawn m = active_after(end) - n slots from the chunk's keys (spread, spread_topm or random init);
+3. merge: every other token goes to argmax_i k.D_k[i] over the active slots (all of them, or with
+   `assign: chunk_start` only those active at the chunk start); running-mean (or constant-step) update of keys
+   and counts; values as running means too, or with `value_update: delta` moved by the residuals of a
+   dictionary-only read. `count_bias: false` drops log c[i] from the read's slot logits.
 Streaming decode (`ovq_step`) buffers tokens since the last flush and runs 2-3 when L have arrived, so it
 reproduces `ovq_chunked` token for token.
 """
@@ -69,24 +71,38 @@ def centroid_keys(keys: torch.Tensor, cfg: OVQConfig) -> torch.Tensor:
 
 
 def read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, dict_k: torch.Tensor,
-         dict_v: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+         dict_v: torch.Tensor, counts: torch.Tensor, count_bias: bool = True) -> torch.Tensor:
     """One softmax over the dictionary and the causal local keys.
 
     q [B, H, lq, dk]; local k [B, H, lk, dk], v [B, H, lk, dv] with lk >= lq, the queries being the last lq
     local positions (query i sees local j <= i + lk - lq); dict_k [B, H, n, dk] (= D_k), dict_v [B, H, n, dv],
-    counts [B, H, n] (all > 0); beta [H]. Returns o [B, H, lq, dv].
+    counts [B, H, n] (all > 0); beta [H]. count_bias adds log c[i] to slot i's logit. Returns o [B, H, lq, dv].
     """
     lq, lk = q.shape[2], k.shape[2]
     b = beta.to(q.dtype).view(1, -1, 1, 1)
     local = b * (q @ k.transpose(-1, -2))  # [B, H, lq, lk]
-    visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-    local = local.masked_fill(~visible, float("-inf"))
+    if lk:
+        visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        local = local.masked_fill(~visible, float("-inf"))
     n = dict_k.shape[2]
     if n == 0:
         return torch.softmax(local, dim=-1) @ v
-    slots = b * (q @ dict_k.transpose(-1, -2)) + counts.log().unsqueeze(-2)  # [B, H, lq, n]
+    slots = b * (q @ dict_k.transpose(-1, -2))  # [B, H, lq, n]
+    if count_bias:
+        slots = slots + counts.log().unsqueeze(-2)
     p = torch.softmax(torch.cat([slots, local], dim=-1), dim=-1)
     return p[..., :n] @ dict_v + p[..., n:] @ v
+
+
+def dictionary_read(k: torch.Tensor, beta: torch.Tensor, dict_k: torch.Tensor, dict_v: torch.Tensor,
+                    counts: torch.Tensor, count_bias: bool) -> torch.Tensor:
+    """R(k): a read of the dictionary alone (no local keys) with the keys k [B, H, L, dk] as queries, the
+    prediction `value_update: delta` subtracts; zeros [B, H, L, dv] when the dictionary is empty."""
+    B, H, L, _ = k.shape
+    if dict_k.shape[2] == 0:
+        return k.new_zeros(B, H, L, dict_v.shape[-1])
+    none_k, none_v = k.new_zeros(B, H, 0, k.shape[-1]), k.new_zeros(B, H, 0, dict_v.shape[-1])
+    return read(k, none_k, none_v, beta, dict_k, dict_v, counts, count_bias)
 
 
 @torch.no_grad()
@@ -94,11 +110,15 @@ def choose_spawn(k: torch.Tensor, dict_k: torch.Tensor, m: int, cfg: OVQConfig, 
     """Which of the chunk's L keys k [B, H, L, dk] become new slots: indices [B, H, m], in slot order.
 
     spread: farthest-first; each pick is the candidate whose highest similarity to the active centroids
-    dict_k [B, H, n, dk] and to the keys picked so far is lowest (ties: lowest position).
+    dict_k [B, H, n, dk] and to the keys picked so far is lowest (ties: lowest position); m = L takes the
+    tokens in position order.
+    spread_topm: one shot; see `_spawn_topm`.
     random: uniform without replacement from a generator seeded by (seed, chunk_index), drawn on the CPU
     so the choice is the same on every device.
     """
     B, H, L, _ = k.shape
+    if cfg.init == "spread_topm":
+        return _spawn_topm(k, dict_k, m)
     if m == L:
         return torch.arange(L, device=k.device).expand(B, H, L)
     if cfg.init == "random":
@@ -121,10 +141,28 @@ def choose_spawn(k: torch.Tensor, dict_k: torch.Tensor, m: int, cfg: OVQConfig, 
     return torch.stack(picks, dim=-1)
 
 
+def _spawn_topm(k: torch.Tensor, dict_k: torch.Tensor, m: int) -> torch.Tensor:
+    """`init: spread_topm` picks [B, H, m] (the public implementation's one-shot spawn; no interaction between
+    picks). With an active dictionary: the m keys whose best similarity max_i k.D_k[i] is lowest, in increasing
+    order of it. With an empty one: key 0, then the m - 1 keys least similar to it (k.k_0), increasing. Ties go
+    to the lower position (a stable sort)."""
+    B, H, L, _ = k.shape
+    if m == 0:
+        return torch.zeros(B, H, 0, dtype=torch.long, device=k.device)
+    if dict_k.shape[2] > 0:
+        best = (k @ dict_k.transpose(-1, -2)).amax(dim=-1)  # [B, H, L]
+        return best.sort(dim=-1, stable=True).indices[..., :m]
+    to_first = (k[:, :, 1:] @ k[:, :, :1].transpose(-1, -2)).squeeze(-1)  # [B, H, L-1]
+    rest = to_first.sort(dim=-1, stable=True).indices[..., : m - 1] + 1
+    return torch.cat([torch.zeros(B, H, 1, dtype=torch.long, device=k.device), rest], dim=-1)
+
+
 def write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor,
-          cfg: OVQConfig, chunk_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          cfg: OVQConfig, chunk_index: int, beta: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grow and merge one full chunk k [B, H, L, dk], v [B, H, L, dv] into the active dictionary keys
-    [B, H, n, dk], values [B, H, n, dv], counts [B, H, n] (n = slots active at the chunk start).
+    [B, H, n, dk], values [B, H, n, dv], counts [B, H, n] (n = slots active at the chunk start). beta [H] is
+    needed only by `value_update: delta` (its residuals read the dictionary).
 
     Returns the new active dictionary (n + m slots) and the slot each token went to, z [B, H, L]. Out of
     place: gradients flow to k, v and the old dictionary through the running means (linear in k, v);
@@ -134,40 +172,68 @@ def write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if keys.shape[2] != n:
         raise ValueError(f"chunk {chunk_index} expects {n} active slots, the state has {keys.shape[2]}")
     B, H, L, dk = k.shape
+    dv = v.shape[-1]
     dict_k = centroid_keys(keys, cfg)
+    old_dict_k, old_values, old_counts = dict_k, values, counts
     spawned = torch.zeros(B, H, L, dtype=torch.bool, device=k.device)
     if m > 0:
         picks = choose_spawn(k.detach(), dict_k.detach(), m, cfg, chunk_index)  # [B, H, m]
         spawned.scatter_(-1, picks, True)
         keys = torch.cat([keys, k.gather(2, picks.unsqueeze(-1).expand(B, H, m, dk))], dim=2)
-        values = torch.cat([values, v.gather(2, picks.unsqueeze(-1).expand(B, H, m, v.shape[-1]))], dim=2)
+        values = torch.cat([values, v.gather(2, picks.unsqueeze(-1).expand(B, H, m, dv))], dim=2)
         counts = torch.cat([counts, counts.new_ones(B, H, m)], dim=2)
         dict_k = torch.cat([dict_k, centroid_keys(keys[:, :, n:], cfg)], dim=2)
-    with torch.no_grad():
-        z = (k @ dict_k.transpose(-1, -2)).argmax(dim=-1)  # [B, H, L]
-        if m > 0:  # a spawning token owns its new slot (its own key is already the centroid)
-            slot_of_pick = torch.arange(n, n + m, device=k.device).expand(B, H, m)
-            z.scatter_(-1, picks, slot_of_pick)
+    z = _assignments(k.detach(), dict_k.detach(), n, picks if m > 0 else None, cfg)
     w = (~spawned).to(k.dtype)
     n_new = n + m
     merged = torch.zeros(B, H, n_new, dtype=k.dtype, device=k.device).scatter_add(2, z, w)
     idx_k = z.unsqueeze(-1).expand(B, H, L, dk)
-    idx_v = z.unsqueeze(-1).expand(B, H, L, v.shape[-1])
+    idx_v = z.unsqueeze(-1).expand(B, H, L, dv)
     sum_k = torch.zeros(B, H, n_new, dk, dtype=k.dtype, device=k.device).scatter_add(2, idx_k, k * w.unsqueeze(-1))
-    sum_v = torch.zeros(B, H, n_new, v.shape[-1], dtype=v.dtype, device=v.device).scatter_add(
-        2, idx_v, v * w.unsqueeze(-1))
     new_counts = counts + merged
     mc = merged.unsqueeze(-1)
     if cfg.lr == "adaptive":
         c = new_counts.unsqueeze(-1)
         keys = keys + (sum_k - mc * keys) / c
-        values = values + (sum_v - mc * values) / c
     else:
         hit = mc > 0
-        denom = mc.clamp_min(1.0)
-        keys = torch.where(hit, keys + cfg.eta * (sum_k / denom - keys), keys)
-        values = torch.where(hit, values + cfg.eta * (sum_v / denom - values), values)
+        keys = torch.where(hit, keys + cfg.eta * (sum_k / mc.clamp_min(1.0) - keys), keys)
+    if cfg.value_update == "delta":
+        if beta is None:
+            raise ValueError("value_update: delta needs beta (its residuals read the dictionary)")
+        # Every token of slot i (its spawner included) adds r_j / c'_i; a spawned slot starts from zero.
+        r = v - dictionary_read(k, beta, old_dict_k, old_values, old_counts, cfg.count_bias)
+        sum_r = torch.zeros(B, H, n_new, dv, dtype=v.dtype, device=v.device).scatter_add(2, idx_v, r)
+        values = F.pad(old_values, (0, 0, 0, m)) + sum_r / new_counts.unsqueeze(-1)
+        return keys, values, new_counts, z
+    sum_v = torch.zeros(B, H, n_new, dv, dtype=v.dtype, device=v.device).scatter_add(2, idx_v, v * w.unsqueeze(-1))
+    if cfg.lr == "adaptive":
+        values = values + (sum_v - mc * values) / new_counts.unsqueeze(-1)
+    else:
+        hit = mc > 0
+        values = torch.where(hit, values + cfg.eta * (sum_v / mc.clamp_min(1.0) - values), values)
     return keys, values, new_counts, z
+
+
+@torch.no_grad()
+def _assignments(k: torch.Tensor, dict_k: torch.Tensor, n: int, picks: torch.Tensor | None,
+                 cfg: OVQConfig) -> torch.Tensor:
+    """Slot z [B, H, L] of each key of a chunk: a spawning token owns its new slot n + j (j its pick order);
+    every other token its nearest slot (argmax k.D_k, ties to the lowest) among all n + m active slots
+    (`assign: with_spawned`) or among the n active at the chunk start (`chunk_start`; slot 0 when n = 0).
+    dict_k [B, H, n + m, dk]: D_k of the old slots then of the spawned ones."""
+    B, H, L, _ = k.shape
+    if cfg.assign == "chunk_start":
+        if n == 0:
+            z = torch.zeros(B, H, L, dtype=torch.long, device=k.device)
+        else:
+            z = (k @ dict_k[:, :, :n].transpose(-1, -2)).argmax(dim=-1)
+    else:
+        z = (k @ dict_k.transpose(-1, -2)).argmax(dim=-1)
+    if picks is not None:
+        m = picks.shape[-1]
+        z.scatter_(-1, picks, torch.arange(n, n + m, device=k.device).expand(B, H, m))
+    return z
 
 
 def _pad_slots(t: torch.Tensor, N: int) -> torch.Tensor:
@@ -203,9 +269,9 @@ def ovq_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
         if not cfg.grad_through_state:
             keys, values, counts = keys.detach(), values.detach(), counts.detach()
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-        outs.append(read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts))
+        outs.append(read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
         if end - start == L:
-            keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L)
+            keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L, beta)
             written += L
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
     buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
@@ -241,14 +307,16 @@ def ovq_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     local_k = torch.cat([state.buf_k[:, :, :j], k], dim=2)
     local_v = torch.cat([state.buf_v[:, :, :j], v], dim=2)
     keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
-    o = read(q, local_k, local_v, beta, centroid_keys(keys, cfg), values, counts)
-    return o, advance(k, v, cfg, state)
+    o = read(q, local_k, local_v, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias)
+    return o, advance(k, v, cfg, state, beta)
 
 
-def advance(k: torch.Tensor, v: torch.Tensor, cfg: OVQConfig, state: OVQState) -> OVQState:
+def advance(k: torch.Tensor, v: torch.Tensor, cfg: OVQConfig, state: OVQState,
+            beta: torch.Tensor | None = None) -> OVQState:
     """The state after one more token k [B, H, 1, dk], v [B, H, 1, dv]: appended to the buffer (row
     `buf_len`, beyond what `state` holds, so `state` itself is unchanged), or, when that makes L tokens,
-    written into the dictionary as one chunk (new tensors) with the buffer emptied."""
+    written into the dictionary as one chunk (new tensors) with the buffer emptied. beta [H]: only
+    `value_update: delta` needs it (see `write`)."""
     L, N = cfg.chunk_size, cfg.dict_size
     n, j = state.active, state.buf_len
     if j + 1 < L:
@@ -258,6 +326,6 @@ def advance(k: torch.Tensor, v: torch.Tensor, cfg: OVQConfig, state: OVQState) -
     local_k = torch.cat([state.buf_k[:, :, :j], k], dim=2)
     local_v = torch.cat([state.buf_v[:, :, :j], v], dim=2)
     keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
-    keys, values, counts, _ = write(local_k, local_v, keys, values, counts, cfg, state.written // L)
+    keys, values, counts, _ = write(local_k, local_v, keys, values, counts, cfg, state.written // L, beta)
     return replace(state, keys=_pad_slots(keys, N), values=_pad_slots(values, N), counts=_pad_slots(counts, N),
                    active=keys.shape[2], written=state.written + L, buf_len=0)
