@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
+from ovqprof.kernels.ovq.chunked_cpu import ovq_chunked_fast
 from ovqprof.kernels.ovq.config import triton_unsupported
 from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer, write
 from ovqprof.kernels.ovq.unit_norm import unit_norm
@@ -182,15 +183,21 @@ class OVQAttention(SequenceLayer):
                                 normalize_qk=True, variant=self.options.triton_variant,
                                 dict_precision=self.options.dict_precision)
         else:
-            o, _ = ovq_chunked(*self.project(x), self._beta(), self.config)
+            o, _ = self._chunked(*self.project(x))
         return self._output(o, x.dtype)
+
+    def _chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
+        """The PyTorch core (no Triton): the fast chunk loop (SDPA reads, flat writes) for `lr: adaptive`,
+        the reference itself for `lr: constant`; both equal the reference (tests/test_ovq_chunked_cpu.py)."""
+        core = ovq_chunked_fast if self.config.lr == "adaptive" else ovq_chunked
+        return core(q, k, v, self._beta(), self.config)
 
     def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, OVQState]:
         """Run the prompt x[B, T, D]; return y[B, T, D] and the detached state (floor(T/L) chunks written,
         T mod L tokens buffered). `capacity` is irrelevant: the state has a fixed size."""
         if self.uses_triton:
             return self._prefill_triton(x)
-        o, state = ovq_chunked(*self.project(x), self._beta(), self.config)
+        o, state = self._chunked(*self.project(x))
         state = OVQState(state.keys.detach().clone(), state.values.detach().clone(), state.counts.detach().clone(),
                          state.active, state.written, state.buf_k, state.buf_v, state.buf_len)
         return self._output(o, x.dtype), state

@@ -1,0 +1,143 @@
+"""The OVQ-attention core's fast PyTorch path (the layer's CPU path): the reference's chunk loop, with each
+chunk's read as one fused `scaled_dot_product_attention` call and the write on flat index_add_ updates.
+
+Same inputs, outputs and state as `reference.ovq_chunked` (q, k [B, H, T, dk] unit-norm, v [B, H, T, dv],
+beta [H]) and equal to it up to float rounding (tests/test_ovq_chunked_cpu.py); differentiable. Why it is
+faster than the reference, which materialises the [L, n + L] logits, a concatenated copy and a separate
+softmax per chunk:
+- the read's count bias is folded into the keys as one extra column (q' = [beta q, 1], D_k' = [D_k, log c],
+  local k' = [k, 0], so q'.D_k' = beta q.D_k + log c; v gets a zero column to keep head dims equal, as the
+  fused kernel requires), so SDPA's fused (flash) CPU kernel needs only one causal mask [l, n + l] shared by
+  every batch and head;
+- the write scatters with index_add_ into flat [B*H*n, d] rows (one call per tensor), and the
+  `spread_topm` / `chunk_start` rules need one similarity matmul per chunk.
+The `spread` init's farthest-first loop and `value_update: delta` use the reference's own helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .config import OVQConfig, spawn_count
+from .reference import (
+    OVQState,
+    _pad_slots,
+    centroid_keys,
+    choose_spawn,
+    dictionary_read,
+    empty_state,
+    tail_buffer,
+)
+
+
+def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, dict_k: torch.Tensor,
+          dict_v: torch.Tensor, counts: torch.Tensor, count_bias: bool) -> torch.Tensor:
+    """One chunk's read (reference.read with lq = lk = l) through SDPA: q, k [B, H, l, dk], v [B, H, l, dv],
+    dict_k [B, H, n, dk] (= D_k), dict_v [B, H, n, dv], counts [B, H, n]. Returns o [B, H, l, dv]."""
+    B, H, l, dk = q.shape  # noqa: E741 (l as in the reference's docstrings)
+    n, dv = dict_k.shape[2], v.shape[-1]
+    bias = count_bias and n > 0
+    # SDPA's fused CPU kernel needs equal head dims for q, k and v: zero columns change no logit or output.
+    width = max(dk + bias, dv)
+    qs = q.new_zeros(B, H, l, width)
+    keys = q.new_zeros(B, H, n + l, width)
+    values = q.new_zeros(B, H, n + l, width)
+    qs[..., :dk] = q * beta.to(q.dtype).view(1, H, 1, 1)
+    keys[:, :, :n, :dk] = dict_k
+    keys[:, :, n:, :dk] = k
+    values[:, :, :n, :dv] = dict_v
+    values[:, :, n:, :dv] = v
+    if bias:
+        qs[..., dk] = 1.0
+        keys[:, :, :n, dk] = counts.log()
+    return F.scaled_dot_product_attention(qs, keys, values, attn_mask=_causal_mask(l, n, q.dtype, q.device),
+                                          scale=1.0)[..., :dv]
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[rows, n + rows] additive mask for a chunk of `rows` queries: 0 over the n slots and the local keys j <= i, -inf above. A float mask: with a
+    boolean one, SDPA on the CPU takes its unfused math path."""
+    hidden = torch.ones(rows, n + rows, dtype=torch.bool, device=device).triu(diagonal=n + 1)
+    return torch.zeros(rows, n + rows, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+
+def _flat_add(base: torch.Tensor, z: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """base [B, H, n, ...] plus, for every token t, src[b, h, t] added to row z[b, h, t] (z [B, H, L]); out of
+    place, differentiable in base and src."""
+    B, H, n = base.shape[:3]
+    rows = (z + n * torch.arange(B * H, device=z.device).view(B, H, 1)).reshape(-1)
+    tail = base.shape[3:]
+    out = base.reshape(B * H * n, *tail).index_add(0, rows, src.reshape(-1, *tail))
+    return out.view(base.shape)
+
+
+def _write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor,
+           cfg: OVQConfig, chunk_index: int, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """reference.write for `lr: adaptive`, with every slot's update as one flat index_add_: the new slots
+    start at zero, every token (spawners included) is added to its slot, and the running mean is
+    M' = (M c + sum) / c' (for a spawned slot, M = 0 and c = 0: the mean of its tokens)."""
+    n, m = spawn_count(cfg, chunk_index)
+    B, H, L, dk = k.shape
+    dict_k = centroid_keys(keys, cfg)
+    with torch.no_grad():
+        kd = k.detach()
+        old = kd @ dict_k.detach().transpose(-1, -2) if n else None  # [B, H, L, n]
+        best, z = old.max(dim=-1) if n else (None, torch.zeros(B, H, L, dtype=torch.long, device=k.device))
+        if m == 0:
+            picks = None
+        elif cfg.init == "spread_topm" and n:
+            picks = best.sort(dim=-1, stable=True).indices[..., :m]
+        else:
+            picks = choose_spawn(kd, dict_k.detach(), m, cfg, chunk_index)
+        if cfg.assign == "with_spawned" and m:
+            spawned_k = kd.gather(2, picks.unsqueeze(-1).expand(B, H, m, dk))
+            nbest, nz = (kd @ centroid_keys(spawned_k, cfg).transpose(-1, -2)).max(dim=-1)  # [B, H, L] each
+            # strict: the lower (old) slot wins ties
+            z = torch.where(nbest > best, nz + n, z) if n else nz
+        if m:
+            z.scatter_(-1, picks, torch.arange(n, n + m, device=k.device).expand(B, H, m))
+        hits = torch.zeros(B * H * (n + m), dtype=k.dtype, device=k.device)
+        hits.index_add_(0, (z + (n + m) * torch.arange(B * H, device=k.device).view(B, H, 1)).reshape(-1),
+                        torch.ones(B * H * L, dtype=k.dtype, device=k.device))
+        hits = hits.view(B, H, n + m)
+    counts0 = F.pad(counts, (0, m))
+    new_counts = counts0 + hits
+    c = new_counts.unsqueeze(-1)
+    # Running mean as (M c + sum) / c': one index_add_ into the old sums (a spawned slot: M = 0, c = 0).
+    new_keys = _flat_add(F.pad(keys, (0, 0, 0, m)) * counts0.unsqueeze(-1), z, k) / c
+    values0 = F.pad(values, (0, 0, 0, m))
+    if cfg.value_update == "delta":
+        r = v - dictionary_read(k, beta, dict_k, values, counts, cfg.count_bias)
+        return new_keys, values0 + _flat_add(torch.zeros_like(values0), z, r) / c, new_counts
+    return new_keys, _flat_add(values0 * counts0.unsqueeze(-1), z, v) / c, new_counts
+
+
+def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig
+                     ) -> tuple[torch.Tensor, OVQState]:
+    """reference.ovq_chunked from an empty dictionary (`lr: adaptive`): o [B, H, T, dv] and the state after the
+    sequence (floor(T / L) chunks written, T mod L tokens buffered), with the autograd graph."""
+    if cfg.lr != "adaptive":
+        raise ValueError("the fast path runs lr: adaptive; use reference.ovq_chunked for lr: constant")
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    L, N = cfg.chunk_size, cfg.dict_size
+    st = empty_state(B, H, dk, dv, cfg, dtype=q.dtype, device=q.device)
+    keys, values, counts = st.keys[:, :, :0], st.values[:, :, :0], st.counts[:, :, :0]
+    outs = []
+    for start in range(0, T, L):
+        end = min(start + L, T)
+        if not cfg.grad_through_state:
+            keys, values, counts = keys.detach(), values.detach(), counts.detach()
+        qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+        outs.append(_read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
+        if end - start == L:
+            keys, values, counts = _write(kc, vc, keys, values, counts, cfg, start // L, beta)
+    o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
+    buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
+    state = OVQState(_pad_slots(keys, N), _pad_slots(values, N), _pad_slots(counts, N), keys.shape[2],
+                     T - tail, buf_k, buf_v, tail)
+    return o, state
