@@ -218,11 +218,14 @@ def test_fast_core_equals_the_reference(combo, normalize):
     q, k, v, beta = _qkv(2, 3, 75, 8, seed=5)
     cfg = OVQConfig(dict_size=12, chunk_size=8, normalize_centroids=normalize, **combo)
     o_ref, s_ref = ovq_chunked(q, k, v, beta, cfg)
-    o_fast, s_fast = ovq_chunked_fast(q, k, v, beta, cfg)
-    assert rel_rms_error(o_fast, o_ref) <= 1e-13
-    assert torch.equal(s_fast.counts, s_ref.counts) and s_fast.active == s_ref.active
-    assert rel_rms_error(s_fast.keys, s_ref.keys) <= 1e-13 and rel_rms_error(s_fast.values, s_ref.values) <= 1e-13
-    assert torch.equal(s_fast.buf_k, s_ref.buf_k) and s_fast.buf_len == s_ref.buf_len == 3
+    # without autograd (the in-place dictionary, for value_update: mean) and with it (the functional path)
+    for o_fast, s_fast in (ovq_chunked_fast(q, k, v, beta, cfg),
+                           ovq_chunked_fast(q.clone().requires_grad_(), k, v, beta, cfg)):
+        assert rel_rms_error(o_fast, o_ref) <= 1e-13
+        assert torch.equal(s_fast.counts, s_ref.counts) and s_fast.active == s_ref.active
+        assert rel_rms_error(s_fast.keys, s_ref.keys) <= 1e-13
+        assert rel_rms_error(s_fast.values, s_ref.values) <= 1e-13
+        assert torch.equal(s_fast.buf_k, s_ref.buf_k) and s_fast.buf_len == s_ref.buf_len == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

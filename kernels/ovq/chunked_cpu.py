@@ -10,8 +10,12 @@ softmax per chunk:
   fused kernel requires), so SDPA's fused (flash) CPU kernel needs only one causal mask [l, n + l] shared by
   every batch and head;
 - the write scatters with index_add_ into flat [B*H*n, d] rows (one call per tensor), and the
-  `spread_topm` / `chunk_start` rules need one similarity matmul per chunk.
+  `spread_topm` / `chunk_start` rules need one similarity matmul per chunk;
+- without autograd (inference, prefill, `value_update: mean`) the dictionary lives in preallocated buffers in
+  SDPA's layout, updated in place: a chunk then costs its two matmuls plus O(L d), not several copies of the
+  whole dictionary (which at L = 64 took as long as the matmuls).
 The `spread` init's farthest-first loop and `value_update: delta` use the reference's own helpers.
+Measured against the public implementation: `python -m ovqprof.kernels.ovq.bench_public`.
 """
 
 from __future__ import annotations
@@ -75,45 +79,116 @@ def _flat_add(base: torch.Tensor, z: torch.Tensor, src: torch.Tensor) -> torch.T
     return out.view(base.shape)
 
 
+@torch.no_grad()
+def _slots(k: torch.Tensor, dict_k: torch.Tensor, m: int, cfg: OVQConfig, chunk_index: int) -> torch.Tensor:
+    """reference.write's slot choice, z [B, H, L] for the keys k [B, H, L, dk] of a full chunk against the
+    active D_k [B, H, n, dk]: spawners own slots n, n+1, ... in pick order, the others join their nearest
+    slot under `cfg.assign` (ties to the lowest slot). One similarity matmul against the old slots serves the
+    assignment and the `spread_topm` picks."""
+    B, H, L, dk = k.shape
+    n = dict_k.shape[2]
+    old = k @ dict_k.transpose(-1, -2) if n else None  # [B, H, L, n]
+    best, z = old.max(dim=-1) if n else (None, torch.zeros(B, H, L, dtype=torch.long, device=k.device))
+    if m == 0:
+        return z
+    if cfg.init == "spread_topm" and n:
+        picks = best.sort(dim=-1, stable=True).indices[..., :m]
+    else:
+        picks = choose_spawn(k, dict_k, m, cfg, chunk_index)
+    if cfg.assign == "with_spawned":
+        spawned_k = k.gather(2, picks.unsqueeze(-1).expand(B, H, m, dk))
+        nbest, nz = (k @ centroid_keys(spawned_k, cfg).transpose(-1, -2)).max(dim=-1)  # [B, H, L] each
+        z = torch.where(nbest > best, nz + n, z) if n else nz  # strict: the lower (old) slot wins ties
+    return z.scatter_(-1, picks, torch.arange(n, n + m, device=k.device).expand(B, H, m))
+
+
 def _write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor,
            cfg: OVQConfig, chunk_index: int, beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """reference.write for `lr: adaptive`, with every slot's update as one flat index_add_: the new slots
-    start at zero, every token (spawners included) is added to its slot, and the running mean is
+    """reference.write for `lr: adaptive`, differentiable, with every slot's update as one flat index_add_:
+    the new slots start at zero, every token (spawners included) is added to its slot, and the running mean is
     M' = (M c + sum) / c' (for a spawned slot, M = 0 and c = 0: the mean of its tokens)."""
     n, m = spawn_count(cfg, chunk_index)
-    B, H, L, dk = k.shape
+    B, H, L, _ = k.shape
     dict_k = centroid_keys(keys, cfg)
-    with torch.no_grad():
-        kd = k.detach()
-        old = kd @ dict_k.detach().transpose(-1, -2) if n else None  # [B, H, L, n]
-        best, z = old.max(dim=-1) if n else (None, torch.zeros(B, H, L, dtype=torch.long, device=k.device))
-        if m == 0:
-            picks = None
-        elif cfg.init == "spread_topm" and n:
-            picks = best.sort(dim=-1, stable=True).indices[..., :m]
-        else:
-            picks = choose_spawn(kd, dict_k.detach(), m, cfg, chunk_index)
-        if cfg.assign == "with_spawned" and m:
-            spawned_k = kd.gather(2, picks.unsqueeze(-1).expand(B, H, m, dk))
-            nbest, nz = (kd @ centroid_keys(spawned_k, cfg).transpose(-1, -2)).max(dim=-1)  # [B, H, L] each
-            # strict: the lower (old) slot wins ties
-            z = torch.where(nbest > best, nz + n, z) if n else nz
-        if m:
-            z.scatter_(-1, picks, torch.arange(n, n + m, device=k.device).expand(B, H, m))
-        hits = torch.zeros(B * H * (n + m), dtype=k.dtype, device=k.device)
-        hits.index_add_(0, (z + (n + m) * torch.arange(B * H, device=k.device).view(B, H, 1)).reshape(-1),
-                        torch.ones(B * H * L, dtype=k.dtype, device=k.device))
-        hits = hits.view(B, H, n + m)
+    z = _slots(k.detach(), dict_k.detach(), m, cfg, chunk_index)
+    hits = _flat_add(k.new_zeros(B, H, n + m), z, k.new_ones(B, H, L))
     counts0 = F.pad(counts, (0, m))
     new_counts = counts0 + hits
     c = new_counts.unsqueeze(-1)
-    # Running mean as (M c + sum) / c': one index_add_ into the old sums (a spawned slot: M = 0, c = 0).
     new_keys = _flat_add(F.pad(keys, (0, 0, 0, m)) * counts0.unsqueeze(-1), z, k) / c
     values0 = F.pad(values, (0, 0, 0, m))
     if cfg.value_update == "delta":
         r = v - dictionary_read(k, beta, dict_k, values, counts, cfg.count_bias)
         return new_keys, values0 + _flat_add(torch.zeros_like(values0), z, r) / c, new_counts
     return new_keys, _flat_add(values0 * counts0.unsqueeze(-1), z, v) / c, new_counts
+
+
+class _InPlaceDictionary:
+    """The dictionary of a forward without autograd (inference, prefill), updated in place so a chunk costs
+    O(L d) besides its matmuls instead of several copies of the whole dictionary.
+
+    Sums S_k [B, H, N, dk], S_v [B, H, N, dv] and counts [B, H, N] as the Triton kernels keep them (a running
+    mean is S / c), and the read's operands in SDPA's layout, rows [0, n) the active slots and [n, n + l) the
+    current chunk: keys [B, H, N + L, width] (D_k, then log c in column dk with the count bias) and values
+    [B, H, N + L, width] (D_v). A write refreshes only the rows its tokens touched.
+    """
+
+    def __init__(self, B: int, H: int, dk: int, dv: int, width: int, cfg: OVQConfig, like: torch.Tensor):
+        N, L = cfg.dict_size, cfg.chunk_size
+        self.cfg, self.dk, self.dv, self.n = cfg, dk, dv, 0
+        self.sum_k, self.sum_v = like.new_zeros(B, H, N, dk), like.new_zeros(B, H, N, dv)
+        self.counts = like.new_zeros(B, H, N)
+        self.keys, self.values = like.new_zeros(B, H, N + L, width), like.new_zeros(B, H, N + L, width)
+
+    def read(self, qx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """o [B, H, l, dv] for one chunk: qx [B, H, l, width] (beta q, then 1 with the count bias), k, v its
+        keys and values."""
+        n, l = self.n, k.shape[2]  # noqa: E741
+        self.keys[:, :, n:n + l, :self.dk] = k
+        self.keys[:, :, n:n + l, self.dk:] = 0.0
+        self.values[:, :, n:n + l, :self.dv] = v
+        return F.scaled_dot_product_attention(qx, self.keys[:, :, :n + l], self.values[:, :, :n + l],
+                                              attn_mask=_causal_mask(l, n, qx.dtype, qx.device),
+                                              scale=1.0)[..., :self.dv]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, chunk_index: int) -> None:
+        """Merge one full chunk k [B, H, L, dk], v [B, H, L, dv] (`value_update: mean`)."""
+        cfg, n = self.cfg, self.n
+        m = spawn_count(cfg, chunk_index)[1]
+        B, H, L, dk = k.shape
+        z = _slots(k, self.keys[:, :, :n, :dk], m, cfg, chunk_index)
+        self.n = n + m
+        N = self.counts.shape[2]
+        rows = (z + N * torch.arange(B * H, device=k.device).view(B, H, 1)).reshape(-1)
+        flat_counts = self.counts.view(-1)
+        flat_counts.index_add_(0, rows, k.new_ones(B * H * L))
+        sum_k = self.sum_k.view(B * H * N, dk).index_add_(0, rows, k.reshape(-1, dk))
+        sum_v = self.sum_v.view(B * H * N, self.dv).index_add_(0, rows, v.reshape(-1, self.dv))
+        # Refresh the touched rows of the read's operands (a row touched twice is written twice, alike).
+        c = flat_counts[rows].unsqueeze(-1)
+        s_k = sum_k[rows]
+        d_k = F.normalize(s_k, dim=-1) if cfg.normalize_centroids else s_k / c
+        slot_rows = (z + (N + L) * torch.arange(B * H, device=k.device).view(B, H, 1)).reshape(-1)
+        keys, values = self.keys.view(-1, self.keys.shape[-1]), self.values.view(-1, self.values.shape[-1])
+        keys[slot_rows, :dk] = d_k
+        if cfg.count_bias:
+            keys[slot_rows, dk] = c.squeeze(-1).log()
+        values[slot_rows, :self.dv] = sum_v[rows] / c
+
+    def state_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference state's running means and counts [B, H, N, ...] (zero beyond the active slots)."""
+        c = self.counts.clamp_min(1.0).unsqueeze(-1)
+        return self.sum_k / c, self.sum_v / c, self.counts.clone()
+
+
+def _extended_queries(q: torch.Tensor, beta: torch.Tensor, width: int, count_bias: bool) -> torch.Tensor:
+    """[B, H, T, width]: beta q, then a 1 that meets the log-count column of the keys (zeros beyond)."""
+    B, H, T, dk = q.shape
+    qx = q.new_zeros(B, H, T, width)
+    qx[..., :dk] = q * beta.to(q.dtype).view(1, H, 1, 1)
+    if count_bias:
+        qx[..., dk] = 1.0
+    return qx
 
 
 def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig
@@ -125,6 +200,9 @@ def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     B, H, T, dk = q.shape
     dv = v.shape[-1]
     L, N = cfg.chunk_size, cfg.dict_size
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
+    if not grad and cfg.value_update == "mean":
+        return _chunked_in_place(q, k, v, beta, cfg)
     st = empty_state(B, H, dk, dv, cfg, dtype=q.dtype, device=q.device)
     keys, values, counts = st.keys[:, :, :0], st.values[:, :, :0], st.counts[:, :, :0]
     outs = []
@@ -141,3 +219,23 @@ def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     state = OVQState(_pad_slots(keys, N), _pad_slots(values, N), _pad_slots(counts, N), keys.shape[2],
                      T - tail, buf_k, buf_v, tail)
     return o, state
+
+
+@torch.no_grad()
+def _chunked_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig
+                      ) -> tuple[torch.Tensor, OVQState]:
+    """ovq_chunked_fast without autograd for `value_update: mean`, on an `_InPlaceDictionary`."""
+    B, H, T, dk = q.shape
+    dv, L = v.shape[-1], cfg.chunk_size
+    width = max(dk + cfg.count_bias, dv)
+    qx = _extended_queries(q, beta, width, cfg.count_bias)
+    d = _InPlaceDictionary(B, H, dk, dv, width, cfg, q)
+    o = q.new_empty(B, H, T, dv)
+    for start in range(0, T, L):
+        end = min(start + L, T)
+        o[:, :, start:end] = d.read(qx[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        if end - start == L:
+            d.write(k[:, :, start:end], v[:, :, start:end], start // L)
+    buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
+    keys, values, counts = d.state_tensors()
+    return o, OVQState(keys, values, counts, d.n, T - tail, buf_k, buf_v, tail)
