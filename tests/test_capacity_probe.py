@@ -113,8 +113,11 @@ def test_ovq_full_growth_read_equals_softmax_over_the_unit_keys():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_ovq_probe_writes_as_the_prefill_path_does():
-    layer = OVQAttention(64, 2, 32, OVQOptions(dict_size=24, chunk_size=8))  # saturating growth, spread init
+@pytest.mark.parametrize("options", [
+    {}, dict(assign="chunk_start", init="spread_topm", normalize_centroids=False),  # the public variant
+    dict(count_bias=False), dict(value_update="delta", assign="chunk_start")])
+def test_ovq_probe_writes_as_the_prefill_path_does(options):
+    layer = OVQAttention(64, 2, 32, OVQOptions(dict_size=24, chunk_size=8, **options))  # saturating growth
     keys, values = draw_pairs(1, 2, 100, 0, 32, 32, "clustered")
     unit = F.normalize(keys, dim=-1)
     beta = torch.full((2,), math.sqrt(32))
@@ -127,7 +130,8 @@ def test_ovq_probe_writes_as_the_prefill_path_does():
     # One query per batch row (lq = 1) sees the whole buffer through read()'s causal local part.
     want = read(unit.permute(2, 1, 0, 3), per_query(state.buf_k[:, :, :j]), per_query(state.buf_v[:, :, :j]),
                 beta, per_query(centroid_keys(state.keys[:, :, :n], layer.config)),
-                per_query(state.values[:, :, :n]), per_query(state.counts[:, :, :n])).permute(2, 1, 0, 3)
+                per_query(state.values[:, :, :n]), per_query(state.counts[:, :, :n]),
+                layer.config.count_bias).permute(2, 1, 0, 3)
     got = layer.probe_memory(keys, values, keys)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert 0 < j < 8 and n < 24
