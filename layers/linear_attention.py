@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ovqprof.phases import phase
+
 from .base import Cost, LayerOptions, SequenceLayer
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -128,8 +130,12 @@ class LinearAttention(SequenceLayer):
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[B, T, D] -> y[B, T, D]."""
-        o, _ = self._chunked(*self._project(x))
-        return self._output(o, x.dtype)
+        with phase("projections"):
+            qkv = self._project(x)
+        with phase("core"):
+            o, _ = self._chunked(*qkv)
+        with phase("output projection"):
+            return self._output(o, x.dtype)
 
     def prefill(self, x: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, LinearState]:
         """Run the prompt x[B, T, D]; return y[B, T, D] and the state after it (`capacity` is irrelevant:
@@ -141,14 +147,17 @@ class LinearAttention(SequenceLayer):
     @torch.no_grad()
     def step(self, x_t: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, LinearState]:
         """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and a new state (the input is never written)."""
-        q, k, v = (t[:, :, 0] for t in self._project(x_t))  # [B, H, dh]
-        S = state.S + k.unsqueeze(-1) * v.unsqueeze(-2)
-        o = (q.unsqueeze(-2) @ S).squeeze(-2)  # [B, H, dv]
-        z = None
-        if self.options.normalize:
-            z = state.z + k
-            o = o / ((q * z).sum(dim=-1, keepdim=True) + self.options.eps)
-        return self._output(o.unsqueeze(2), x_t.dtype), LinearState(S, z)
+        with phase("projections"):
+            q, k, v = (t[:, :, 0] for t in self._project(x_t))  # [B, H, dh]
+        with phase("state update"):
+            S = state.S + k.unsqueeze(-1) * v.unsqueeze(-2)
+            z = state.z + k if self.options.normalize else None
+        with phase("read"):
+            o = (q.unsqueeze(-2) @ S).squeeze(-2)  # [B, H, dv]
+            if self.options.normalize:
+                o = o / ((q * z).sum(dim=-1, keepdim=True) + self.options.eps)
+        with phase("output projection"):
+            return self._output(o.unsqueeze(2), x_t.dtype), LinearState(S, z)
 
     @torch.no_grad()
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ovqprof.kernels.ovq.chunked_cpu import ovq_chunked_fast
 from ovqprof.kernels.ovq.config import triton_unsupported
 from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer, write
 from ovqprof.kernels.ovq.unit_norm import unit_norm
+from ovqprof.phases import phase
 
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_bytes
 
@@ -179,12 +180,18 @@ class OVQAttention(SequenceLayer):
         if self.uses_triton:
             from ovqprof.kernels.ovq.function import ovq_core_triton
 
-            o = ovq_core_triton(*self._kernel_inputs(x, normalize=False), self.beta.float(), self.config,
-                                normalize_qk=True, variant=self.options.triton_variant,
-                                dict_precision=self.options.dict_precision)
+            with phase("projections"):
+                qkv = self._kernel_inputs(x, normalize=False)
+            with phase("core"):
+                o = ovq_core_triton(*qkv, self.beta.float(), self.config, normalize_qk=True,
+                                    variant=self.options.triton_variant, dict_precision=self.options.dict_precision)
         else:
-            o, _ = self._chunked(*self.project(x))
-        return self._output(o, x.dtype)
+            with phase("projections"):
+                qkv = self.project(x)
+            with phase("core"):
+                o, _ = self._chunked(*qkv)
+        with phase("output projection"):
+            return self._output(o, x.dtype)
 
     def _chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
         """The PyTorch core (no Triton): the fast chunk loop (SDPA reads, flat writes) for `lr: adaptive`,
@@ -222,16 +229,25 @@ class OVQAttention(SequenceLayer):
     def step(self, x_t: torch.Tensor, state: OVQState) -> tuple[torch.Tensor, OVQState]:
         """Consume one token x_t[B, 1, D]; return y_t[B, 1, D] and the next state (the input is not changed)."""
         if not self.uses_triton:
-            o, state = ovq_step(*self.project(x_t), self._beta(), self.config, state)
-            return self._output(o, x_t.dtype), state
+            with phase("projections"):
+                qkv = self.project(x_t)
+            o, state = ovq_step(*qkv, self._beta(), self.config, state)  # marks its read and state update
+            with phase("output projection"):
+                return self._output(o, x_t.dtype), state
         from ovqprof.kernels.ovq.decode import ovq_decode_triton
 
-        # Rounded through the layer dtype like the forward kernel's inputs, so decode sees the same keys.
-        q, k, v = (t.to(self.dtype).to(self.accum_dtype) for t in self.project(x_t))  # [B, H, 1, dh]
-        o = ovq_decode_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.beta.float(), state.keys, state.values,
-                              state.counts, state.active, state.buf_k, state.buf_v, state.buf_len,
-                              self.config.normalize_centroids, count_bias=self.config.count_bias)
-        return self._output(o.unsqueeze(2), x_t.dtype), advance(k, v, self.config, state, self.beta.float())
+        with phase("projections"):
+            # Rounded through the layer dtype like the forward kernel's inputs, so decode sees the same keys.
+            q, k, v = (t.to(self.dtype).to(self.accum_dtype) for t in self.project(x_t))  # [B, H, 1, dh]
+        with phase("read"):
+            o = ovq_decode_triton(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.beta.float(), state.keys,
+                                  state.values, state.counts, state.active, state.buf_k, state.buf_v,
+                                  state.buf_len, self.config.normalize_centroids,
+                                  count_bias=self.config.count_bias)
+        with phase("state update"):
+            state = advance(k, v, self.config, state, self.beta.float())
+        with phase("output projection"):
+            return self._output(o.unsqueeze(2), x_t.dtype), state
 
     @torch.no_grad()
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from pydantic import Field
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ovqprof.phases import phase
+
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer
 
 # Query block of the sliding-window path: each block of C queries attends C + W - 1 keys, so the work wasted
@@ -97,8 +99,12 @@ class SoftmaxAttention(SequenceLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x[B, T, D] -> y[B, T, D]."""
-        q, k, v = self._project(x)
-        return self._output(self._attend(q, k, v))
+        with phase("projections"):
+            q, k, v = self._project(x)
+        with phase("core"):
+            o = self._attend(q, k, v)
+        with phase("output projection"):
+            return self._output(o)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q[B, H, T, dh], k, v[B, G, T, dh] -> o[B, H, T, dh]; a window covering all of T is plain causal."""
@@ -190,7 +196,8 @@ class SoftmaxAttention(SequenceLayer):
         a full ring the slot of the position leaving the window), so repeating a call with the same state
         gives the same result. A full-attention cache that is full is grown into a new, larger copy.
         """
-        q, k, v = self._project(x_t)  # q[B, H, 1, dh], k, v[B, G, 1, dh]
+        with phase("projections"):
+            q, k, v = self._project(x_t)  # q[B, H, 1, dh], k, v[B, G, 1, dh]
         k_cache, v_cache, pos = state.k, state.v, state.length
         cap = k_cache.shape[2]
         limit = self.window if self.window is not None else math.inf
@@ -200,13 +207,16 @@ class SoftmaxAttention(SequenceLayer):
             v_cache = _grow(v_cache, new_cap)
             cap = new_cap
         slot = pos % cap  # == pos unless this is a full ring of W slots
-        k_cache[:, :, slot] = k[:, :, 0]
-        v_cache[:, :, slot] = v[:, :, 0]
+        with phase("state update"):
+            k_cache[:, :, slot] = k[:, :, 0]
+            v_cache[:, :, slot] = v[:, :, 0]
         n = min(pos + 1, cap)
-        o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], is_causal=False,
-                                           enable_gqa=self.kv_heads < self.heads)
+        with phase("read"):
+            o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], is_causal=False,
+                                               enable_gqa=self.kv_heads < self.heads)
         self._impl = "sdpa"
-        return self._output(o), KVCache(k_cache, v_cache, pos + 1)
+        with phase("output projection"):
+            return self._output(o), KVCache(k_cache, v_cache, pos + 1)
 
     @torch.no_grad()
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

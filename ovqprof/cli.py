@@ -197,6 +197,8 @@ def sweep(
                                   "%% of roofline column."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted sweep: skip the "
                                           "cells already in this CSV or JSON file and append the rest to it."),
+    trace_dir: Path | None = typer.Option(None, "--trace", help="Also trace every successful cell into this "
+                                             "directory (as `ovqprof trace`; separate calls, timings unchanged)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
@@ -221,6 +223,8 @@ def sweep(
                              "this device, or a new --output file")
     if output is not None:
         check_output_writable(output)
+    if trace_dir is not None:
+        check_trace_dir(trace_dir)
     if isolate is None:
         isolate = run_device.type == "cuda"
     if cell_timeout is not None and not isolate:
@@ -259,6 +263,8 @@ def sweep(
                     "--output, then continue with --resume.", EXIT_INFRASTRUCTURE) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if trace_dir is not None:
+        _trace_ok_cells(cells, rows, str(run_device), trace_dir)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if output is not None:
@@ -463,18 +469,112 @@ def check_cmd(
 
 @app.command()
 @user_errors
+def trace(
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the traces (<layer>-<mode>-<seq>"
+                                ".json.gz) and breakdowns (created when missing)."),
+    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
+                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to trace."),
+    modes: str = typer.Option("fwd", help="Comma list of modes: fwd,bwd,decode."),
+    seq: str | None = typer.Option(None, help="Sequence lengths (as for sweep), e.g. 16k or 4k,16k; default: "
+                                      "the spec's longest."),
+    batch: str | None = typer.Option(None, help="Comma list of batch sizes (default: the spec's first)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    reps: int = typer.Option(3, min=1, help="Traced calls per cell (after two untraced warm-up calls)."),
+    format: str = typer.Option("table", "--format", "-f", help=f"Breakdown format: {', '.join(FORMATS)}."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Trace cells under torch.profiler: a Perfetto / Chrome trace per cell and a breakdown of its time by
+    phase (projections, core, ...) and by operator. The traced calls are not the timed ones of a sweep."""
+    from ovqprof.breakdown_output import format_breakdowns
+
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
+    if seq is None:
+        spec = spec.replace(sweep=spec.sweep.replace(seq=(max(spec.sweep.seq),)))
+    if batch is None:
+        spec = spec.replace(sweep=spec.sweep.replace(batch=spec.sweep.batch[:1]))
+    check_trace_dir(output)
+    breakdowns = trace_cells(spec, str(run_device), output, reps)
+    sys.stdout.write(format_breakdowns(breakdowns, format))
+    err_console.print(f"wrote {len(breakdowns)} traces and breakdowns to {output} (open a .json.gz in "
+                      "ui.perfetto.dev or chrome://tracing)", markup=False)
+
+
+def _trace_ok_cells(cells, rows: list[dict], device: str, trace_dir: Path) -> None:
+    """`sweep --trace`: trace the cells whose rows are ok, after the timed sweep; a trace that fails is
+    reported and skipped (the sweep's rows are already written)."""
+    from ovqprof.rows import cell_key
+    from ovqprof.trace import trace_cell
+
+    ok = {cell_key(r) for r in rows if r["status"] == "ok"}
+    traced = 0
+    for cell in cells:
+        if cell.key not in ok:
+            continue
+        try:
+            trace_cell(cell, device, trace_dir)
+            traced += 1
+        except Exception as exc:  # noqa: BLE001 - a failed trace must not lose the sweep's rows
+            err_console.print(f"trace of {cell.layer.name} {cell.mode} T={cell.seq} failed: {exc}", markup=False)
+    err_console.print(f"traced {traced} cells into {trace_dir}", markup=False)
+
+
+def check_trace_dir(path: Path) -> None:
+    """Fail before any work if `path` cannot hold traces (a file, or not creatable / writable)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output {path} is a file. Allowed: a directory (created when missing) for traces")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".ovqprof-write-test").write_text("")
+        (path / ".ovqprof-write-test").unlink()
+    except OSError as exc:
+        raise UsageError(f"--output {path} cannot be written ({exc.strerror or exc}). Allowed: a directory in "
+                         "a writable place") from exc
+
+
+def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:
+    """Trace every planned cell of `spec`; a cell the layer cannot run is a usage error naming it."""
+    from ovqprof.sweep import plan_cells
+    from ovqprof.trace import trace_cell
+
+    breakdowns = []
+    for cell in plan_cells(spec):
+        try:
+            breakdowns.append(trace_cell(cell, device, out_dir, reps))
+        except ValueError as exc:
+            raise UsageError(f"cannot trace {cell.layer.name} {cell.mode} at T={cell.seq}: {exc}. Allowed: "
+                             "a mode the layer runs (see `ovqprof layers`)") from None
+    return breakdowns
+
+
+@app.command()
+@user_errors
 def report(
     result_files: list[Path] = typer.Argument(..., help="Sweep and capacity result files (CSV or JSON, any "
                                               "mix), e.g. from `sweep --format json --output FILE`."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for report.md and its PNG plots "
                                 "(created when missing)."),
+    traces: Path | None = typer.Option(None, "--traces", help="Directory of breakdowns from `ovqprof trace` "
+                                          "or `sweep --trace` for the \"Where the time goes\" section."),
+    trace_seq: str | None = typer.Option(None, "--trace-seq", help="Length of that section's bars, e.g. 4k "
+                                            "(default: the longest traced)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Write a Markdown design-review report with PNG plots: throughput, decode latency, memory, state
-    bytes, recall vs pairs and capacity vs state bytes, each with a reading computed from the rows."""
+    bytes, recall vs pairs and capacity vs state bytes, each with a reading computed from the rows, and
+    where the time goes from trace breakdowns."""
+    from ovqprof.ranges import parse_seq_range
     from ovqprof.report import write_report
 
-    path = write_report(result_files, output)
+    seq = None
+    if trace_seq is not None:
+        values = parse_seq_range(trace_seq)
+        if len(values) != 1:
+            raise UsageError(f"--trace-seq {trace_seq!r}: one length. Allowed: e.g. 4k or 4096")
+        seq = values[0]
+    path = write_report(result_files, output, traces=traces, trace_seq=seq)
     err_console.print(f"wrote {path}", markup=False)
 
 

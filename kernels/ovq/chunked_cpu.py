@@ -25,6 +25,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ovqprof.phases import phase
+
 from .config import OVQConfig, spawn_count
 from .reference import (
     OVQState,
@@ -110,7 +112,16 @@ def _write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.T
     n, m = spawn_count(cfg, chunk_index)
     B, H, L, _ = k.shape
     dict_k = centroid_keys(keys, cfg)
-    z = _slots(k.detach(), dict_k.detach(), m, cfg, chunk_index)
+    with phase("assign and spawn"):
+        z = _slots(k.detach(), dict_k.detach(), m, cfg, chunk_index)
+    with phase("merge"):
+        return _merge(k, v, keys, values, counts, dict_k, z, m, cfg, beta)
+
+
+def _merge(k, v, keys, values, counts, dict_k, z, m: int, cfg: OVQConfig, beta: torch.Tensor):
+    """The running-mean (or delta) update of `_write` once the slots z [B, H, L] are known."""
+    B, H, L, _ = k.shape
+    n = keys.shape[2]
     hits = _flat_add(k.new_zeros(B, H, n + m), z, k.new_ones(B, H, L))
     counts0 = F.pad(counts, (0, m))
     new_counts = counts0 + hits
@@ -156,8 +167,16 @@ class _InPlaceDictionary:
         cfg, n = self.cfg, self.n
         m = spawn_count(cfg, chunk_index)[1]
         B, H, L, dk = k.shape
-        z = _slots(k, self.keys[:, :, :n, :dk], m, cfg, chunk_index)
-        self.n = n + m
+        with phase("assign and spawn"):
+            z = _slots(k, self.keys[:, :, :n, :dk], m, cfg, chunk_index)
+        with phase("merge"):
+            self._merge(k, v, z, n + m)
+
+    def _merge(self, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, n_new: int) -> None:
+        """Add the chunk's tokens into their slots z [B, H, L] and refresh the touched rows."""
+        cfg = self.cfg
+        B, H, L, dk = k.shape
+        self.n = n_new
         N = self.counts.shape[2]
         rows = (z + N * torch.arange(B * H, device=k.device).view(B, H, 1)).reshape(-1)
         flat_counts = self.counts.view(-1)
@@ -211,7 +230,8 @@ def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
         if not cfg.grad_through_state:
             keys, values, counts = keys.detach(), values.detach(), counts.detach()
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-        outs.append(_read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
+        with phase("read"):
+            outs.append(_read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
         if end - start == L:
             keys, values, counts = _write(kc, vc, keys, values, counts, cfg, start // L, beta)
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
@@ -233,7 +253,8 @@ def _chunked_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: t
     o = q.new_empty(B, H, T, dv)
     for start in range(0, T, L):
         end = min(start + L, T)
-        o[:, :, start:end] = d.read(qx[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        with phase("read"):
+            o[:, :, start:end] = d.read(qx[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
         if end - start == L:
             d.write(k[:, :, start:end], v[:, :, start:end], start // L)
     buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)

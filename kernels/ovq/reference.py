@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ovqprof.phases import phase
+
 from .config import OVQConfig, spawn_count
 
 
@@ -269,9 +271,11 @@ def ovq_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
         if not cfg.grad_through_state:
             keys, values, counts = keys.detach(), values.detach(), counts.detach()
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-        outs.append(read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
+        with phase("read"):
+            outs.append(read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
         if end - start == L:
-            keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L, beta)
+            with phase("write"):
+                keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L, beta)
             written += L
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
     buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
@@ -307,8 +311,10 @@ def ovq_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     local_k = torch.cat([state.buf_k[:, :, :j], k], dim=2)
     local_v = torch.cat([state.buf_v[:, :, :j], v], dim=2)
     keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
-    o = read(q, local_k, local_v, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias)
-    return o, advance(k, v, cfg, state, beta)
+    with phase("read"):
+        o = read(q, local_k, local_v, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias)
+    with phase("state update"):  # the buffer append, or every L-th token the flush (a chunk write)
+        return o, advance(k, v, cfg, state, beta)
 
 
 def advance(k: torch.Tensor, v: torch.Tensor, cfg: OVQConfig, state: OVQState,

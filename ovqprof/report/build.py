@@ -42,7 +42,8 @@ from ovqprof.report.series import (
     sweep_series,
 )
 
-PLOT_FILES = ("throughput.png", "decode.png", "memory.png", "state.png", "recall.png", "pareto.png")
+PLOT_FILES = ("throughput.png", "decode.png", "memory.png", "state.png", "recall.png", "pareto.png",
+              "breakdown.png")
 PEAK_COLUMNS = ("mem_torch_alloc_bytes", "mem_rss_peak_bytes")  # GPU allocator peak first, RSS on CPU
 MODES = ("fwd", "bwd", "decode")
 NOISY_SPREAD = 2.0  # ms_p80 / ms_p20 above this: the median of that row is not to be trusted
@@ -297,14 +298,67 @@ class Report:
         return out
 
 
-def write_report(paths: list[Path], out_dir: Path, generated: str | None = None) -> Path:
+def where_time_goes(report: Report, docs: list[dict], seq: int | None) -> Section:
+    """One stacked bar per traced (layer, mode) at length `seq` (default: the longest traced) from breakdown
+    documents (`ovqprof trace`): top-level phases plus `other`, ms per call, with a reading per bar."""
+    title = "Where the time goes"
+    if not docs:
+        return Section(title, None, "Omitted: no breakdown files (`ovqprof trace --output DIR`, then "
+                                    "`ovqprof report ... --traces DIR`).")
+    seqs = sorted({d["header"]["seq"] for d in docs})
+    chosen = seq if seq is not None else seqs[-1]
+    picked = [d for d in docs if d["header"]["seq"] == chosen]
+    if not picked:
+        return Section(title, None, f"Omitted: no breakdown at T={chosen} (traced: {', '.join(map(str, seqs))}).")
+    bars: dict[str, dict[str, float]] = {}
+    readings = []
+    for d in sorted(picked, key=lambda d: (d["header"]["layer"], MODES.index(d["header"]["mode"]))):
+        h = d["header"]
+        label = f"{h['layer']} {h['mode']}"
+        top = [r for r in d["rows"] if r["kind"] in ("phase", "other") and not r["parent"]]
+        if not top:  # no phase marks: its operators
+            top = [r for r in d["rows"] if r["kind"] == "op"][:3]
+        bars[label] = {r["name"]: r["ms"] for r in top}
+        ranked = sorted(top, key=lambda r: -r["pct"])[:2]
+        parts = ", ".join(f"{r['pct']:.0f}% in {r['name']}" for r in ranked)
+        readings.append(f"{label} spends {parts} of {h['total_ms']:.3g} ms ({h['clock']} time)")
+    image = plots.stacked_bars(bars, report.path("breakdown.png"), ylabel="ms per call",
+                               title=f"Where the time goes at T={chosen}").name
+    when = f"{chosen // 1024}k" if chosen % 1024 == 0 else str(chosen)
+    reading = f"At {when}: " + "; ".join(readings) + ". Traced calls are separate from the timed ones."
+    return Section(title, image, reading)
+
+
+def load_breakdowns(trace_dir: Path | None) -> list[dict]:
+    """The breakdown documents in a trace directory (none when it is None)."""
+    from ovqprof.trace import read_breakdown
+
+    if trace_dir is None:
+        return []
+    if not trace_dir.is_dir():
+        raise UsageError(f"--traces {trace_dir} is not a directory. Allowed: a directory written by "
+                         "`ovqprof trace --output DIR` or `ovqprof sweep --trace DIR`")
+    files = sorted(trace_dir.glob("*.breakdown.json"))
+    if not files:
+        raise UsageError(f"--traces {trace_dir} holds no *.breakdown.json files. Allowed: a directory written "
+                         "by `ovqprof trace --output DIR` or `ovqprof sweep --trace DIR`")
+    try:
+        return [read_breakdown(f) for f in files]
+    except ValueError as exc:
+        raise UsageError(f"--traces: {exc}") from None
+
+
+def write_report(paths: list[Path], out_dir: Path, generated: str | None = None, traces: Path | None = None,
+                 trace_seq: int | None = None) -> Path:
     """Write out_dir/report.md and its plots; returns the report's path. Plots of earlier runs that this
-    run does not draw are removed so the folder matches report.md."""
+    run does not draw are removed so the folder matches report.md. `traces`: a directory of breakdowns for
+    the "Where the time goes" section, at length `trace_seq` (default: the longest traced)."""
     files = load_result_files(paths)
+    docs = load_breakdowns(traces)
     check_output_dir(out_dir)
     report = Report(files, out_dir)
     sections = [report.throughput(), report.decode(), report.memory(), report.state(), report.recall(),
-                report.pareto()]
+                report.pareto(), where_time_goes(report, docs, trace_seq)]
     for name in PLOT_FILES:
         if name not in report.written and (out_dir / name).exists():
             (out_dir / name).unlink()

@@ -175,3 +175,23 @@ def pareto_plot(points: list[ParetoPoint], tau: float, path: Path, order: list[s
     ax.grid(True, which="both", alpha=0.3)
     _shared_legend(fig, [ax])
     return _finish(fig, path)
+
+
+def stacked_bars(bars: dict[str, dict[str, float]], path: Path, *, ylabel: str, title: str) -> Path:
+    """One stacked bar per key of `bars` ({bar: {segment: value}}), segments in first-seen order, each
+    segment name one colour across bars."""
+    segments = list(dict.fromkeys(name for parts in bars.values() for name in parts))
+    fig, (ax,) = _figure(1, width=max(PANEL_SIZE[0], 1.1 * len(bars) + 2))
+    labels = list(bars)
+    bottoms = [0.0] * len(labels)
+    for i, segment in enumerate(segments):
+        heights = [bars[label].get(segment, 0.0) for label in labels]
+        ax.bar(labels, heights, bottom=bottoms, label=segment, color=COLOURS[i % len(COLOURS)],
+               hatch="//" if i >= len(COLOURS) else None)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _finish(fig, path)
