@@ -314,19 +314,37 @@ def where_time_goes(report: Report, docs: list[dict], seq: int | None) -> Sectio
     readings = []
     for d in sorted(picked, key=lambda d: (d["header"]["layer"], MODES.index(d["header"]["mode"]))):
         h = d["header"]
-        label = f"{h['layer']} {h['mode']}"
-        top = [r for r in d["rows"] if r["kind"] in ("phase", "other") and not r["parent"]]
-        if not top:  # no phase marks: its operators
-            top = [r for r in d["rows"] if r["kind"] == "op"][:3]
-        bars[label] = {r["name"]: r["ms"] for r in top}
-        ranked = sorted(top, key=lambda r: -r["pct"])[:2]
-        parts = ", ".join(f"{r['pct']:.0f}% in {r['name']}" for r in ranked)
-        readings.append(f"{label} spends {parts} of {h['total_ms']:.3g} ms ({h['clock']} time)")
-    image = plots.stacked_bars(bars, report.path("breakdown.png"), ylabel="ms per call",
+        parts = _bar_parts(d["rows"])
+        bars[f"{h['layer']} {h['mode']}\n{h['total_ms']:.3g} ms"] = parts
+        ranked = sorted(parts.items(), key=lambda kv: -kv[1])[:2]
+        share = ", ".join(f"{pct:.0f}% in {name}" for name, pct in ranked)
+        readings.append(f"{h['layer']} {h['mode']} spends {share} of {h['total_ms']:.3g} ms ({h['clock']} time)")
+    image = plots.stacked_bars(bars, report.path("breakdown.png"), ylabel="% of the traced call",
                                title=f"Where the time goes at T={chosen}").name
     when = f"{chosen // 1024}k" if chosen % 1024 == 0 else str(chosen)
     reading = f"At {when}: " + "; ".join(readings) + ". Traced calls are separate from the timed ones."
     return Section(title, image, reading)
+
+
+def _bar_parts(rows: list[dict]) -> dict[str, float]:
+    """% of the call per segment of a breakdown's bar: top-level phases and `other`, a phase with sub-phases
+    replaced by them (and `<phase> (rest)` for its time outside them); a layer without phases shows its three
+    largest operators."""
+    top = [r for r in rows if r["kind"] in ("phase", "other") and not r["parent"]]
+    if not top:
+        return {r["name"]: r["pct"] for r in [r for r in rows if r["kind"] == "op"][:3]}
+    parts: dict[str, float] = {}
+    for r in top:
+        children = [c for c in rows if c["kind"] == "phase" and c["parent"] == r["name"]]
+        if not children:
+            parts[r["name"]] = r["pct"]
+            continue
+        for c in children:
+            parts[c["name"]] = c["pct"]
+        rest = r["pct"] - sum(c["pct"] for c in children)
+        if rest > 0.5:
+            parts[f"{r['name']} (rest)"] = rest
+    return parts
 
 
 def load_breakdowns(trace_dir: Path | None) -> list[dict]:

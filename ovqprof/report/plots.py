@@ -181,7 +181,7 @@ def stacked_bars(bars: dict[str, dict[str, float]], path: Path, *, ylabel: str, 
     """One stacked bar per key of `bars` ({bar: {segment: value}}), segments in first-seen order, each
     segment name one colour across bars."""
     segments = list(dict.fromkeys(name for parts in bars.values() for name in parts))
-    fig, (ax,) = _figure(1, width=max(PANEL_SIZE[0], 1.1 * len(bars) + 2))
+    fig, (ax,) = _figure(1, width=max(PANEL_SIZE[0], 1.1 * len(bars) + 2) + 2.0)  # + the legend's column
     labels = list(bars)
     bottoms = [0.0] * len(labels)
     for i, segment in enumerate(segments):
@@ -193,5 +193,5 @@ def stacked_bars(bars: dict[str, dict[str, float]], path: Path, *, ylabel: str, 
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
     return _finish(fig, path)
