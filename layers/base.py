@@ -21,8 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ovqprof.rows import MODES  # noqa: F401 (defined once, without torch, for the CLI; re-exported here)
+
 Mode = Literal["fwd", "bwd", "decode"]
-MODES: tuple[str, ...] = ("fwd", "bwd", "decode")
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ import typer
 from rich.console import Console
 
 from ovqprof.errors import OvqprofError, SpecError, UsageError
-from ovqprof.layers.base import MODES
 from ovqprof.output import FORMATS, RowWriter, check_output_writable
-from ovqprof.rows import FAILED_STATUSES, STATUSES
+from ovqprof.rows import FAILED_STATUSES, MODES, STATUSES
 
 app = typer.Typer(
     help="Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one paragraph
 
@@ -194,7 +194,7 @@ def sweep(
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed and "
                                                  "reported as status timeout."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
-                                  "%% of roofline column."),
+                                  "% of roofline column."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted sweep: skip the "
                                           "cells already in this CSV or JSON file and append the rest to it."),
     trace_dir: Path | None = typer.Option(None, "--trace", help="Also trace every successful cell into this "
@@ -305,6 +305,9 @@ def capacity(
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run: skip the layers "
+                                          "(probe) or tasks (mqar) already in this CSV or JSON file, append "
+                                          "the rest."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Recall capacity: accuracy against stored pairs N, and capacity@tau, for every layer of a spec."""
@@ -319,9 +322,16 @@ def capacity(
         profile = "capacity" if default == "default" else "capacity-quick"
         err_console.print(f"no --profile given: using {profile}.yaml ({why})")
     spec, run_device = _load_run_spec(profile, None, None, None, layers, device)
+    if resume is not None:
+        from ovqprof.resume import resume_format
+
+        if output is not None and output.resolve() != resume.resolve():
+            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
+                             "(rows are appended to FILE)")
+        output, format = resume, resume_format(resume)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=sys.stderr.isatty(),
-                              layers_from_cli=layers is not None)
+                              layers_from_cli=layers is not None, resume=resume is not None)
     rows: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -329,7 +339,9 @@ def capacity(
                      log=lambda text: err_console.print(text, markup=False))
     except KeyboardInterrupt:
         where = f" in {output}" if output else ""
-        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}")
+        how = (f"Resume with: {_resume_command(output)}" if output is not None else
+               "Write rows to a file with --output FILE to be able to resume.")
+        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}. {how}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except OSError as exc:
         raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
@@ -359,7 +371,7 @@ def baseline_cmd(
                                            "worker process (default: on for GPU, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
-                                  "%% of roofline column."),
+                                  "% of roofline column."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Baseline file to write (default: "
                                           "<profile>-<device>.json in the current directory)."),
     from_file: Path | None = typer.Option(None, "--from", help="Record the rows of a finished JSON result "
@@ -552,8 +564,9 @@ def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:
 @app.command()
 @user_errors
 def report(
-    result_files: list[Path] = typer.Argument(..., help="Sweep and capacity result files (CSV or JSON, any "
-                                              "mix), e.g. from `sweep --format json --output FILE`."),
+    result_files: list[Path] = typer.Argument(..., metavar="RESULT...", help="Sweep and capacity result files "
+                                              "(CSV or JSON, any mix), e.g. from `sweep --format json --output "
+                                              "FILE`."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for report.md and its PNG plots "
                                 "(created when missing)."),
     traces: Path | None = typer.Option(None, "--traces", help="Directory of breakdowns from `ovqprof trace` "
@@ -652,5 +665,40 @@ def env(
     Console().print(table)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ovqprof {version('ovqprof')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity."""
+
+
 def main() -> None:
-    app()
+    """The console script: typer's usage errors (unknown option, missing argument) in the same one-paragraph
+    style and exit code 2 as every other bad input."""
+    try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = app(prog_name="ovqprof", standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+    except click_errors.NoArgsIsHelpError as exc:  # `ovqprof` alone prints the help, as before
+        typer.echo(exc.ctx.get_help())
+        raise SystemExit(EXIT_OK) from None
+    except click_errors.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "ovqprof"
+        err_console.print(f"[bold red]error:[/] {exc.format_message()} (see `{command} --help`)", markup=True,
+                          highlight=False)
+        raise SystemExit(EXIT_USAGE) from None
+    except click_errors.Abort:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except click_errors.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else EXIT_OK)

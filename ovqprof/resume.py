@@ -23,24 +23,27 @@ def resume_format(path: Path, option: str = "--resume") -> str:
     return fmt
 
 
-def _typed(row: dict) -> dict:
+def _typed(row: dict, columns: tuple[str, ...] = COLUMNS, ints: frozenset = INT_COLUMNS,
+           floats: frozenset = FLOAT_COLUMNS) -> dict:
     out = {}
-    for col in COLUMNS:
+    for col in columns:
         value = row.get(col)
         if value in ("", None):
             out[col] = None
-        elif col in INT_COLUMNS:
-            out[col] = int(value)
-        elif col in FLOAT_COLUMNS:
+        elif col in ints:
+            out[col] = int(float(value))
+        elif col in floats:
             out[col] = float(value)
         else:
             out[col] = value
     return out
 
 
-def read_rows(path: Path, option: str = "--resume") -> tuple[str, list[dict], dict | None]:
-    """(format, rows, JSON header or None) of a result file. A CSV line cut short by a killed writer is
-    dropped from the file so appending continues on a clean line. `option` names the file in messages."""
+def read_rows(path: Path, option: str = "--resume", columns: tuple[str, ...] = COLUMNS,
+              ints: frozenset = INT_COLUMNS, floats: frozenset = FLOAT_COLUMNS) -> tuple[str, list[dict], dict | None]:
+    """(format, rows, JSON header or None) of a result file with `columns` (default: the sweep's). A CSV line
+    cut short by a killed writer is dropped from the file so appending continues on a clean line. `option`
+    names the file in messages."""
     fmt = resume_format(path, option)
     try:
         text = path.read_text()
@@ -55,16 +58,16 @@ def read_rows(path: Path, option: str = "--resume") -> tuple[str, list[dict], di
                 text = text[: text.rfind("\n") + 1]
                 path.write_text(text)
             reader = csv.DictReader(io.StringIO(text))
-            if tuple(reader.fieldnames or ()) != COLUMNS:
+            if tuple(reader.fieldnames or ()) != columns:
                 raise not_ours
-            return fmt, [_typed(r) for r in reader], None
+            return fmt, [_typed(r, columns, ints, floats) for r in reader], None
         doc = json.loads(text)
         if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
             raise not_ours
         rows = doc["rows"]
-        if any(not isinstance(r, dict) or set(r) != set(COLUMNS) for r in rows):
+        if any(not isinstance(r, dict) or set(r) != set(columns) for r in rows):
             raise not_ours
-        return fmt, [_typed(r) for r in rows], doc.get("header")
+        return fmt, [_typed(r, columns, ints, floats) for r in rows], doc.get("header")
     except (ValueError, TypeError, KeyError) as exc:
         raise UsageError(f"{option} {path} cannot be parsed ({exc}). Allowed: a file written by "
                          "`ovqprof sweep --output` with --format csv or json") from exc

@@ -7,6 +7,8 @@ and the `note` column says why.
 
 from __future__ import annotations
 
+MODES: tuple[str, ...] = ("fwd", "bwd", "decode")  # here, not in layers/, so the CLI parses without torch
+
 COLUMNS: tuple[str, ...] = (
     "layer", "kind", "impl", "device", "dtype", "mode", "seq", "batch", "status", "check",
     "ms_median", "ms_p20", "ms_p80", "timer", "tokens_per_s", "tflops", "gbps", "pct_roofline",

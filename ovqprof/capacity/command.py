@@ -7,6 +7,7 @@ the summary) is here.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,21 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from ovqprof.capacity.rows import FAILED_STATUSES, METHODS, STATUSES, layout
+from ovqprof.capacity.rows import (
+    COLUMNS,
+    FAILED_STATUSES,
+    FLOAT_COLUMNS,
+    INT_COLUMNS,
+    INTERRUPTED_NOTE,
+    METHODS,
+    STATUSES,
+    layout,
+)
 from ovqprof.capacity.settings import KEY_KINDS, PAIRS_FORMS, ProbeSettings
 from ovqprof.errors import SpecError, UsageError
-from ovqprof.output import RowWriter, check_output_writable
+from ovqprof.output import RowWriter, check_output_writable, json_document, write_atomic
 from ovqprof.ranges import RangeError, parse_seq_range
+from ovqprof.resume import read_rows
 from ovqprof.spec import Spec, profile_label
 
 
@@ -37,6 +48,7 @@ class CapacityRequest:
     output: Path | None = None
     show_progress: bool = False
     layers_from_cli: bool = False  # --layers was given: it wins over capacity.mqar.layers
+    resume: bool = False  # `output` is an earlier result file: skip what it holds, append the rest
 
 
 def check_method(method: str) -> None:
@@ -142,7 +154,12 @@ def run_capacity(spec: Spec, device: torch.device, header: dict, request: Capaci
     if request.output is not None:
         check_output_writable(request.output)
     header = capacity_header(header, spec, request.method, settings)
-    writer = RowWriter(request.format, request.output, header, layout=layout())
+    existing: list[dict] = []
+    done: frozenset = frozenset()
+    if request.resume:
+        existing, done = resume_rows(request.output, request.method)
+        log(f"resuming {request.output}: {len(existing)} rows already there")
+    writer = RowWriter(request.format, request.output, header, layout=layout(), existing_rows=existing)
 
     def on_row(row: dict) -> None:
         writer.write(row)
@@ -156,11 +173,37 @@ def run_capacity(spec: Spec, device: torch.device, header: dict, request: Capaci
                 if request.show_progress:
                     log(f"probe {layer}: pairs={pairs}")
 
-            run_probe(list(spec.layers), settings, device, on_row, on_start)
+            run_probe([layer for layer in spec.layers if layer.name not in done], settings, device, on_row,
+                      on_start)
         else:
             from ovqprof.capacity.mqar import run_mqar
 
-            run_mqar(mqar_layers(spec, settings, request), settings, device, on_row, request.show_progress)
+            run_mqar(mqar_layers(spec, settings, request), settings, device, on_row, request.show_progress,
+                     skip=done)
+
+
+def resume_rows(path: Path, method: str) -> tuple[list[dict], frozenset]:
+    """The rows of an earlier capacity file to keep, and what they cover: probe layer names whose rows are
+    complete, or MQAR (layer, seq, pairs). A probe layer cut short by an interrupt (its rows carry
+    INTERRUPTED_NOTE) is dropped from the file and probed again. Refuses a file of the other method."""
+    fmt, rows, header = read_rows(path, "--resume", COLUMNS, INT_COLUMNS, FLOAT_COLUMNS)
+    methods = {r["method"] for r in rows} | ({header["method"]} if header and header.get("method") else set())
+    if methods - {method}:
+        raise UsageError(f"--resume {path} holds {', '.join(sorted(methods))} rows, not {method}. Allowed: a "
+                         f"file written by `ovqprof capacity --method {method} --output`")
+    if method == "mqar":
+        return rows, frozenset((r["layer"], r["seq"], r["pairs"]) for r in rows)
+    cut = {r["layer"] for r in rows if r["note"] == INTERRUPTED_NOTE}
+    kept = [r for r in rows if r["layer"] not in cut]
+    if len(kept) != len(rows):  # rewrite the file without the partial layer before appending to it
+        if fmt == "json":
+            write_atomic(path, json_document(header or {}, kept))
+        else:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(COLUMNS), lineterminator="\n")
+                writer.writeheader()
+                writer.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in kept)
+    return kept, frozenset(r["layer"] for r in kept)
 
 
 def summary(rows: list[dict]) -> tuple[str, bool]:

@@ -362,8 +362,9 @@ def run_layer_task(layer: LayerSpec, task: MQARTask, settings: MQARSettings, dev
 
 
 def run_mqar(layers: list[LayerSpec], settings: MQARSettings, device: torch.device,
-             on_row: Callable[[dict], None], show_progress: bool) -> None:
-    """Run every (layer, task) and call `on_row` with one row each (ROW_COLUMNS, in order).
+             on_row: Callable[[dict], None], show_progress: bool, skip: frozenset = frozenset()) -> None:
+    """Run every (layer, task) and call `on_row` with one row each (ROW_COLUMNS, in order), except the
+    (layer name, seq, pairs) in `skip` (already in a resumed file).
 
     Data for a task is generated once (train seed `seed`, test seed `seed + 10`) and shared by all layers.
     """
@@ -372,6 +373,8 @@ def run_mqar(layers: list[LayerSpec], settings: MQARSettings, device: torch.devi
     with _Bar(show_progress) as bar:
         for layer in layers:
             for task in settings.tasks:
+                if (layer.name, task.seq, task.pairs) in skip:
+                    continue
                 if task not in data:
                     common = dict(seq=task.seq, pairs=task.pairs, vocab_size=settings.vocab_size,
                                   power_a=settings.power_a)

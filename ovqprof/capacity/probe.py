@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ovqprof.capacity.rows import capacity_of, empty_row
+from ovqprof.capacity.rows import INTERRUPTED_NOTE, capacity_of, empty_row
 from ovqprof.capacity.settings import ProbeSettings
 from ovqprof.cell import build_cell_layer, classify_failure, failure_note
 from ovqprof.layers.base import SequenceLayer
@@ -166,7 +166,7 @@ def probe_layer(spec: LayerSpec, settings: ProbeSettings, device: torch.device,
                 return
     except KeyboardInterrupt:
         for row in rows:
-            on_row({**row, "note": row["note"] or "interrupted before the layer finished: capacity unknown"})
+            on_row({**row, "note": row["note"] or INTERRUPTED_NOTE})
         raise
     capacity = capacity_of(rows, settings.tau)
     for row in rows:

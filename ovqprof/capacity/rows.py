@@ -31,7 +31,10 @@ COLUMNS: tuple[str, ...] = (
     "dk", "dv", "accuracy", "cosine", "rel_error", "capacity", "tau", "state_bytes", "lr", "wall_s", "status",
     "note",
 )
+INT_COLUMNS = frozenset({"gap", "d_model", "seq", "pairs", "dk", "dv", "capacity", "state_bytes"})
+FLOAT_COLUMNS = frozenset({"accuracy", "cosine", "rel_error", "tau", "lr", "wall_s"})
 METHODS: tuple[str, ...] = ("probe", "mqar")
+INTERRUPTED_NOTE = "interrupted before the layer finished: capacity unknown"
 STATUSES: tuple[str, ...] = ("ok", "skipped", "error", "oom")
 FAILED_STATUSES = frozenset({"error"})
 

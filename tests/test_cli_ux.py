@@ -1,0 +1,126 @@
+"""What a new user meets (issue 21): -h and --version, help without importing torch, one error style for usage
+mistakes through the console script, and `ovqprof capacity --resume` after an interrupt."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+from typer.testing import CliRunner
+
+import ovqprof.capacity.probe as probe_module
+from ovqprof import cli
+from ovqprof.cli import app
+
+runner = CliRunner()
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the console script's entry point with `args`; (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ovqprof", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_short_help_and_version(monkeypatch, capsys):
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    result = runner.invoke(app, ["sweep", "-h"])
+    assert result.exit_code == 0 and "--seq" in result.stdout
+    code, out, _ = _main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"ovqprof {version('ovqprof')}"
+
+
+def test_help_has_no_doubled_percent_signs():
+    result = runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "200"})
+    assert "%%" not in result.stdout and "% of roofline" in result.stdout
+
+
+def test_the_cli_parses_without_importing_torch():
+    code = "import sys, ovqprof.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("sweep", "--bogus"), "No such option: --bogus (see `ovqprof sweep --help`)"),
+    (("report", "-o", "x"), "Missing argument 'RESULT...'"),
+    (("nosuchcommand",), "No such command"),
+])
+def test_usage_mistakes_are_one_paragraph_with_exit_2(monkeypatch, capsys, args, fragment):
+    code, out, err = _main(monkeypatch, capsys, *args)
+    assert code == 2 and fragment in err and err.startswith("error:")
+    assert "╭" not in err and "{" not in err and "Traceback" not in err
+
+
+def test_console_script_keeps_command_exit_codes(monkeypatch, capsys):
+    code, _, err = _main(monkeypatch, capsys, "sweep", "--profile", "nope")
+    assert code == 2 and "no spec file or profile named 'nope'" in err
+    code, out, _ = _main(monkeypatch, capsys)
+    assert code == 0 and "Usage" in out
+
+
+# --- capacity --resume -----------------------------------------------------------------------------------
+def _layers_in(path) -> list[str]:
+    with open(path, newline="") as f:
+        return [r["layer"] for r in csv.DictReader(f)]
+
+
+def test_capacity_resume_after_an_interrupt_keeps_rows_and_finishes_the_rest(tmp_path, monkeypatch):
+    out = tmp_path / "cap.csv"
+    args = ["capacity", "--profile", "capacity-quick", "--layers", "softmax,ovq_full_64,linear_identity",
+            "--pairs", "16,32", "--seeds", "0"]
+    real = probe_module.probe_layer
+
+    def interrupt_at_the_second(spec, *a, **k):
+        if spec.name == "ovq_full_64":
+            raise KeyboardInterrupt
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(probe_module, "probe_layer", interrupt_at_the_second)
+    result = runner.invoke(app, [*args, "-f", "csv", "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "Resume with: ovqprof" in result.output and "--resume" in result.output
+    assert _layers_in(out) == ["softmax"] * 2 + ["linear_identity"] * 2  # spec order: ovq_full_64 comes last
+    monkeypatch.setattr(probe_module, "probe_layer", real)
+    result = runner.invoke(app, [*args, "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _layers_in(out) == ["softmax"] * 2 + ["linear_identity"] * 2 + ["ovq_full_64"] * 2
+
+
+def test_capacity_resume_drops_a_layer_cut_short_and_probes_it_again(tmp_path, monkeypatch):
+    out = tmp_path / "cap.json"
+    args = ["capacity", "--profile", "capacity-quick", "--layers", "softmax,ovq_full_64", "--pairs", "16,32,64",
+            "--seeds", "0"]
+    real_row = probe_module._probe_row
+    calls = {"n": 0}
+
+    def interrupt_mid_layer(layer, n, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second pairs value of the second layer
+            raise KeyboardInterrupt
+        return real_row(layer, n, *a, **k)
+
+    monkeypatch.setattr(probe_module, "_probe_row", interrupt_mid_layer)
+    assert runner.invoke(app, [*args, "-f", "json", "-o", str(out)]).exit_code == 130
+    monkeypatch.setattr(probe_module, "_probe_row", real_row)
+    result = runner.invoke(app, [*args, "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layer"], r["pairs"]) for r in rows] == [("softmax", 16), ("softmax", 32), ("softmax", 64),
+                                                       ("ovq_full_64", 16), ("ovq_full_64", 32),
+                                                       ("ovq_full_64", 64)]
+    assert all(r["capacity"] is not None for r in rows)
+
+
+def test_capacity_resume_refuses_a_file_of_the_other_method(tmp_path):
+    out = tmp_path / "cap.csv"
+    args = ["capacity", "--profile", "capacity-quick", "--layers", "softmax", "--pairs", "16", "--seeds", "0"]
+    assert runner.invoke(app, [*args, "-f", "csv", "-o", str(out)]).exit_code == 0
+    result = runner.invoke(app, [*args[:5], "--method", "mqar", "--resume", str(out)])
+    assert result.exit_code == 2 and "holds probe rows, not mqar" in result.output
