@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,16 +86,36 @@ def allowed_types_text() -> str:
     return ", ".join(sorted(BUILTIN_LAYERS)) + ", or an import path package.module:Class"
 
 
-def _import_class(path: str) -> type:
+def _import_module(module_name: str, search_dirs: tuple[str, ...]):
+    """Import `module_name` from sys.path, else from the first of `search_dirs` (the spec's folder, the
+    working directory) that holds its top-level package or module; that folder then stays on sys.path so
+    isolated workers (which inherit it) import it too."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        if exc.name != top:
+            raise
+        for folder in search_dirs:
+            base = Path(folder)
+            if (base / top).is_dir() or (base / f"{top}.py").is_file():
+                if folder not in sys.path:
+                    sys.path.insert(0, folder)
+                return importlib.import_module(module_name)
+        raise
+
+
+def _import_class(path: str, search_dirs: tuple[str, ...] = ()) -> type:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise RegistryError(f"import path {path!r} is not of the form package.module:Class", allowed_types_text())
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name, search_dirs)
     except Exception as exc:  # any failure while importing user code is a spec error, not a crash
+        places = ", ".join(["sys.path (PYTHONPATH)", *search_dirs])
         raise RegistryError(
-            f"cannot import module {module_name!r} ({type(exc).__name__}: {exc})",
-            "an importable module on PYTHONPATH",
+            f"cannot import module {module_name!r} ({type(exc).__name__}: {exc}); looked in {places}",
+            "an importable module beside the spec file, in the working directory or on PYTHONPATH",
         ) from exc
     obj = module
     for part in attr.split("."):
@@ -105,12 +127,13 @@ def _import_class(path: str) -> type:
     return obj
 
 
-def get_layer_type(name: str) -> LayerType:
-    """Resolve a type name or import path; raises RegistryError naming what is allowed."""
+def get_layer_type(name: str, search_dirs: tuple[str, ...] = ()) -> LayerType:
+    """Resolve a type name or import path (`package.module:Class`, looked up on sys.path, then in
+    `search_dirs`); raises RegistryError naming what is allowed."""
     if name in BUILTIN_LAYERS:
         return LayerType(name, _import_class(BUILTIN_LAYERS[name]), builtin=True)
     if ":" in name:
-        return LayerType(name, _import_class(name), builtin=False)
+        return LayerType(name, _import_class(name, search_dirs), builtin=False)
     raise RegistryError(f"unknown layer type {name!r}", allowed_types_text())
 
 

@@ -333,6 +333,13 @@ def _init_params(cls: type) -> str:
     return ", ".join(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "none"
 
 
+def _import_dirs(file: str) -> tuple[str, ...]:
+    """Where a spec's `module:Class` types are looked for besides sys.path: the spec file's folder (as a
+    user expects of a file beside the spec), then the working directory."""
+    folders = [str(Path(file).resolve().parent)] if file and not file.startswith("<") else []
+    return tuple(dict.fromkeys([*folders, str(Path.cwd())]))
+
+
 def _layer(doc: _Doc, i: int, raw: Any, defaults: Defaults) -> LayerSpec:
     path = ("layers", i)
     if not isinstance(raw, dict):
@@ -343,7 +350,7 @@ def _layer(doc: _Doc, i: int, raw: Any, defaults: Defaults) -> LayerSpec:
     data = {k: v for k, v in data.items() if v is not None or k in raw}
     spec = _validate(doc, LayerSpec, {**data, "options": options, "line": doc.line_of(path)}, path, raw)
     try:
-        layer_type = registry.get_layer_type(spec.type)
+        layer_type = registry.get_layer_type(spec.type, _import_dirs(doc.file))
     except registry.RegistryError as exc:
         raise doc.error(exc.problem, path + ("type",), spec.type, exc.allowed, show_value=False) from None
     except Exception as exc:  # whatever resolving user code raises is the spec's problem, not a crash

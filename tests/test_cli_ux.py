@@ -124,3 +124,67 @@ def test_capacity_resume_refuses_a_file_of_the_other_method(tmp_path):
     assert runner.invoke(app, [*args, "-f", "csv", "-o", str(out)]).exit_code == 0
     result = runner.invoke(app, [*args[:5], "--method", "mqar", "--resume", str(out)])
     assert result.exit_code == 2 and "holds probe rows, not mqar" in result.output
+
+
+# --- import paths relative to the spec ---------------------------------------------------------------------
+MIXER = '''
+import torch
+from torch import nn
+
+
+class MyMixer(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+'''
+
+
+def _spec_beside(folder, module: str = "mypkg_issue21") -> str:
+    pkg = folder / module
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mixers.py").write_text(MIXER)
+    spec = folder / "spec.yaml"
+    spec.write_text(f"name: mine\ndefaults: {{d_model: 16, heads: 2, head_dim: 8, dtype: float32, device: cpu}}\n"
+                    f"layers:\n  - name: mine\n    type: {module}.mixers:MyMixer\n"
+                    "sweep: {seq: [32], modes: [fwd], batch: [1], warmup_ms: 1, rep_ms: 1}\n")
+    return str(spec)
+
+
+def test_a_custom_layer_beside_the_spec_imports_from_any_working_directory(tmp_path, monkeypatch):
+    spec = _spec_beside(tmp_path / "project", "mypkg_beside")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # as for the console script: the working directory is not on sys.path (python -m would put "" there)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    result = runner.invoke(app, ["sweep", "--profile", spec, "--no-roofline", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "mine" in result.stdout and ",ok," in result.stdout
+
+
+def test_a_custom_layer_in_the_working_directory_imports_too(tmp_path, monkeypatch):
+    spec = _spec_beside(tmp_path / "cwd", "mypkg_cwd")
+    moved = tmp_path / "specs"
+    moved.mkdir()
+    target = moved / "spec.yaml"
+    target.write_text(open(spec).read())
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    result = runner.invoke(app, ["sweep", "--profile", str(target), "--no-roofline", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_missing_module_names_both_places_tried(tmp_path, monkeypatch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ndefaults: {d_model: 16, heads: 2, head_dim: 8, dtype: float32, device: cpu}\n"
+                    "layers:\n  - name: x\n    type: nowhere_pkg_21.mixers:MyMixer\nsweep: {seq: [32]}\n")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["sweep", "--profile", str(spec)])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "cannot import module 'nowhere_pkg_21.mixers'" in text and str(tmp_path) in text
+    assert "beside the spec file, in the working directory or on PYTHONPATH" in text
