@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from ovqprof.errors import OvqprofError, SpecError, UsageError
-from ovqprof.output import FORMATS, RowWriter, check_output_writable
+from ovqprof.output import FORMATS, SWEEP_LAYOUT, RowWriter, check_output_writable, select_columns
 from ovqprof.rows import FAILED_STATUSES, MODES, STATUSES
 
 app = typer.Typer(
@@ -197,6 +197,8 @@ def sweep(
                                   "% of roofline column."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted sweep: skip the "
                                           "cells already in this CSV or JSON file and append the rest to it."),
+    columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show (table and "
+                                          "md formats; default: all, a terminal hiding some to fit its width)."),
     trace_dir: Path | None = typer.Option(None, "--trace", help="Also trace every successful cell into this "
                                              "directory (as `ovqprof trace`; separate calls, timings unchanged)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -208,6 +210,7 @@ def sweep(
 
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    select_columns(SWEEP_LAYOUT, _split_list(columns))  # before any measurement
     spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
     header = machine_info(run_device)
     existing: list[dict] = []
@@ -238,7 +241,7 @@ def sweep(
         cells = [c for c in cells if c.key not in done]
         err_console.print(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    writer = RowWriter(format, output, header, existing_rows=existing)
+    writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
     rows: list[dict] = []
     try:
         with writer, _Progress(len(cells)) as progress:
@@ -305,6 +308,8 @@ def capacity(
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
+    columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show (table and "
+                                          "md formats; default: all, a terminal hiding some to fit its width)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run: skip the layers "
                                           "(probe) or tasks (mqar) already in this CSV or JSON file, append "
                                           "the rest."),
@@ -331,7 +336,8 @@ def capacity(
         output, format = resume, resume_format(resume)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=sys.stderr.isatty(),
-                              layers_from_cli=layers is not None, resume=resume is not None)
+                              layers_from_cli=layers is not None, resume=resume is not None,
+                              columns=_split_list(columns))
     rows: list[dict] = []
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

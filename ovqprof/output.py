@@ -108,8 +108,7 @@ def short_row(row: dict) -> list[str]:
             out.append(human_bytes(row.get(col)))
         elif col == "note":
             parts = [p for p in (row.get("note") or "").split("; ") if p and p not in RUN_WIDE_NOTES]
-            note = "; ".join(parts)
-            out.append(note if len(note) <= 70 else note[:67] + "...")
+            out.append("; ".join(parts))  # whole: a terminal table wraps it, piped output keeps it all
         else:
             out.append(_fmt_number(row.get(col)))
     return out
@@ -126,10 +125,46 @@ class Layout:
     left: frozenset[str]
     title: str
     md_title: str
+    drop_order: tuple[str, ...] = ()  # headers a narrow terminal hides first (the rest always show)
 
 
 SWEEP_LAYOUT = Layout(COLUMNS, SHORT_HEADERS, short_row, frozenset({"layer", "impl", "mode", "status", "note"}),
-                      "ovqprof sweep", "ovqprof results")
+                      "ovqprof sweep", "ovqprof results",
+                      ("p20", "p80", "GB/s", "TFLOP/s", "%roof", "batch", "impl", "tok/s", "peak mem", "state"))
+NOTE_HEADER = "note"
+NOTE_MIN_WIDTH = 24  # the note column wraps; below this it is hidden instead
+CELL_PADDING = 3  # rich's padding and rule per column
+
+
+def fit_columns(headers: tuple[str, ...], cells: list[list[str]], width: int, drop_order: tuple[str, ...]
+                ) -> list[str]:
+    """The headers to show so the table fits `width` characters: every column as wide as its widest cell
+    (numbers never wrap), the note column wrapping into what is left (at least NOTE_MIN_WIDTH), columns of
+    `drop_order` hidden first to last until it fits."""
+    natural = {h: max([len(h), *(len(row[i]) for row in cells)]) + CELL_PADDING for i, h in enumerate(headers)}
+    shown = list(headers)
+
+    def needed() -> int:
+        return sum(min(natural[h], NOTE_MIN_WIDTH) if h == NOTE_HEADER else natural[h] for h in shown) + 1
+
+    for h in (*drop_order, NOTE_HEADER):
+        if needed() <= width:
+            break
+        if h in shown:
+            shown.remove(h)
+    return shown
+
+
+def select_columns(layout: Layout, wanted: list[str] | None) -> list[str] | None:
+    """`--columns a,b`: those headers, in the given order; None keeps the default. UsageError names the
+    allowed headers."""
+    if wanted is None:
+        return None
+    unknown = [w for w in wanted if w not in layout.headers]
+    if unknown or not wanted:
+        raise UsageError(f"--columns: unknown column(s) {unknown}. Allowed: a comma list of "
+                         f"{', '.join(layout.headers)}")
+    return wanted
 
 
 def _header_lines(header: dict) -> list[str]:
@@ -142,9 +177,12 @@ class RowWriter:
     """Writes rows in one format to `path` (or stdout when None). Use as a context manager."""
 
     def __init__(self, fmt: str, path: Path | None, header: dict, stdout: TextIO | None = None,
-                 existing_rows: list[dict] | None = None, layout: Layout = SWEEP_LAYOUT):
+                 existing_rows: list[dict] | None = None, layout: Layout = SWEEP_LAYOUT,
+                 columns: list[str] | None = None):
         """`existing_rows`: rows already in `path` (resuming); new rows are appended after them. `layout`:
-        the columns and short table (default: the sweep's)."""
+        the columns and short table (default: the sweep's). `columns`: the table and Markdown headers to show
+        (see `select_columns`; default: all, a terminal table hiding some to fit its width)."""
+        self.chosen = select_columns(layout, columns)
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r} is not known. Allowed: {', '.join(FORMATS)}")
         self.fmt = fmt
@@ -174,7 +212,7 @@ class RowWriter:
             self._stream.flush()
         elif self.fmt == "md":
             self._stream = self._open_stream()
-            headers = self.layout.headers
+            headers = self.chosen or self.layout.headers
             lines = [f"# {self.layout.md_title}", "", *_header_lines(self.header), "",
                      "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
             self._stream.write("\n".join(lines) + "\n")
@@ -190,7 +228,7 @@ class RowWriter:
             self._stream.flush()
         elif self.fmt == "md":
             assert self._stream is not None
-            cells = [c.replace("|", "\\|") for c in self.layout.cells(row)]
+            cells = [c.replace("|", "\\|") for c in self._cells(row, self.chosen)]
             self._stream.write("| " + " | ".join(cells) + " |\n")
             self._stream.flush()
         elif self.path is not None:
@@ -218,9 +256,17 @@ class RowWriter:
     def json_text(self) -> str:
         return json_document(self.header, self.rows)
 
+    def _cells(self, row: dict, headers: list[str] | None) -> list[str]:
+        """A row's table cells for `headers` (None: all)."""
+        cells = self.layout.cells(row)
+        if headers is None:
+            return cells
+        index = {h: i for i, h in enumerate(self.layout.headers)}
+        return [cells[index[h]] for h in headers]
+
     def table_text(self) -> str:
-        headers = self.layout.headers
-        return tabulate([self.layout.cells(r) for r in self.rows], headers=list(headers), tablefmt="simple",
+        headers = self.chosen or list(self.layout.headers)
+        return tabulate([self._cells(r, headers) for r in self.rows], headers=list(headers), tablefmt="simple",
                         disable_numparse=True,
                         colalign=["left" if h in self.layout.left else "right" for h in headers])
 
@@ -236,16 +282,28 @@ class RowWriter:
         if not self.stdout.isatty():
             self.stdout.write("\n".join(_header_lines(self.header)) + "\n\n" + self.table_text() + "\n")
             return
+        import shutil
+
         from rich.console import Console
         from rich.table import Table
 
-        console = Console(file=self.stdout)
+        width = shutil.get_terminal_size().columns  # $COLUMNS first, then the terminal
+        console = Console(file=self.stdout, width=width)
+        all_cells = [self.layout.cells(r) for r in self.rows]
+        shown = self.chosen or fit_columns(self.layout.headers, all_cells, width, self.layout.drop_order)
         table = Table(title=f"{self.layout.title}: {self.header.get('device')}", title_justify="left")
-        for col in self.layout.headers:
-            table.add_column(col, justify="left" if col in self.layout.left else "right", overflow="fold")
-        for line in self.header.get("notes", []):
-            table.caption = (table.caption + "; " if table.caption else "note: ") + line
+        for col in shown:
+            wraps = col == NOTE_HEADER  # only the note wraps; a number is never split across lines
+            table.add_column(col, justify="left" if col in self.layout.left else "right",
+                             overflow="fold" if wraps else "ellipsis", no_wrap=not wraps, ratio=1 if wraps else None,
+                             min_width=NOTE_MIN_WIDTH if wraps else None)
+        captions = [f"note: {line}" for line in self.header.get("notes", [])]
+        hidden = [h for h in self.layout.headers if h not in shown]
+        if hidden and self.chosen is None:
+            captions.append(f"hidden to fit {width} columns: {', '.join(hidden)} (--columns to choose; piped "
+                            "output has every column)")
+        table.caption = "; ".join(captions) or None
         for row in self.rows:
             style = None if row.get("status") == "ok" else "red"
-            table.add_row(*self.layout.cells(row), style=style)
+            table.add_row(*self._cells(row, shown), style=style)
         console.print(table)

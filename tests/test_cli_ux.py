@@ -4,7 +4,9 @@ mistakes through the console script, and `ovqprof capacity --resume` after an in
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -15,6 +17,9 @@ from typer.testing import CliRunner
 import ovqprof.capacity.probe as probe_module
 from ovqprof import cli
 from ovqprof.cli import app
+from ovqprof.errors import UsageError
+from ovqprof.output import RowWriter
+from ovqprof.rows import empty_row
 
 runner = CliRunner()
 
@@ -48,7 +53,7 @@ def test_the_cli_parses_without_importing_torch():
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (("sweep", "--bogus"), "No such option: --bogus (see `ovqprof sweep --help`)"),
+    (("sweep", "--bogus"), "No such option: --bogus"),
     (("report", "-o", "x"), "Missing argument 'RESULT...'"),
     (("nosuchcommand",), "No such command"),
 ])
@@ -188,3 +193,66 @@ def test_a_missing_module_names_both_places_tried(tmp_path, monkeypatch):
     text = " ".join(result.output.split())
     assert "cannot import module 'nowhere_pkg_21.mixers'" in text and str(tmp_path) in text
     assert "beside the spec file, in the working directory or on PYTHONPATH" in text
+
+
+# --- tables that fit ---------------------------------------------------------------------------------------
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _rows(n: int = 3) -> list[dict]:
+    rows = []
+    for i in range(n):
+        row = empty_row(layer=f"ovq_public_{i}", device="cpu", dtype="float32", mode="decode", seq=16384 * 4,
+                        batch=1, status="ok")
+        row.update(impl="torch-chunked", ms_median=0.16412345, ms_p20=0.162, ms_p80=0.174, tokens_per_s=6090.0,
+                   tflops=0.00447, gbps=8.97, pct_roofline=20.5, mem_rss_peak_bytes=455 * 2**20,
+                   state_bytes=642 * 2**10, note="a note long enough to need wrapping " * 3)
+        rows.append(row)
+    return rows
+
+
+def _table(width: int, monkeypatch, columns=None) -> str:
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = _Terminal()
+    with RowWriter("table", None, {"device": "cpu"}, stdout=out, columns=columns) as writer:
+        for row in _rows():
+            writer.write(row)
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())  # the terminal's colour codes take no columns
+
+
+@pytest.mark.parametrize("width", [80, 120, 160])
+def test_terminal_tables_fit_and_never_split_a_number(width, monkeypatch):
+    text = _table(width, monkeypatch)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "65536" in text and "0.164" in text  # whole numbers, not "6553" over "6"
+    if width < 160:
+        assert "hidden to fit" in text and "p20" in text.split("hidden to fit")[1]
+
+
+def test_wide_terminals_show_every_column_and_wrap_only_the_note(monkeypatch):
+    text = _table(250, monkeypatch)
+    assert "hidden to fit" not in text and "TFLOP/s" in text and "%roof" in text
+    note_lines = [line for line in text.splitlines() if "wrapping" in line]
+    assert len(note_lines) >= 3  # the whole note, wrapped, for each row
+
+
+def test_columns_option_chooses_the_table(monkeypatch):
+    text = _table(100, monkeypatch, columns=["layer", "mode", "seq", "ms"])
+    header = [line for line in text.splitlines() if "layer" in line and "mode" in line][0]
+    assert "p20" not in header and "note" not in header and "hidden to fit" not in text
+    with pytest.raises(UsageError, match="unknown column"):
+        RowWriter("table", None, {}, columns=["layer", "nope"])
+    result = runner.invoke(app, ["sweep", "--profile", "quick", "--columns", "layer,bogus"])
+    assert result.exit_code == 2 and "Allowed: a comma list of layer, impl" in result.output
+
+
+def test_piped_tables_keep_every_column_and_the_whole_note(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = io.StringIO()
+    with RowWriter("table", None, {"device": "cpu"}, stdout=out) as writer:
+        for row in _rows(1):
+            writer.write(row)
+    text = out.getvalue()
+    assert "TFLOP/s" in text and ("a note long enough to need wrapping " * 3).strip() in text

@@ -49,6 +49,7 @@ class CapacityRequest:
     show_progress: bool = False
     layers_from_cli: bool = False  # --layers was given: it wins over capacity.mqar.layers
     resume: bool = False  # `output` is an earlier result file: skip what it holds, append the rest
+    columns: list[str] | None = None  # --columns: the table's headers
 
 
 def check_method(method: str) -> None:
@@ -159,7 +160,8 @@ def run_capacity(spec: Spec, device: torch.device, header: dict, request: Capaci
     if request.resume:
         existing, done = resume_rows(request.output, request.method)
         log(f"resuming {request.output}: {len(existing)} rows already there")
-    writer = RowWriter(request.format, request.output, header, layout=layout(), existing_rows=existing)
+    writer = RowWriter(request.format, request.output, header, layout=layout(), existing_rows=existing,
+                       columns=request.columns)
 
     def on_row(row: dict) -> None:
         writer.write(row)

@@ -74,8 +74,7 @@ def short_row(row: dict) -> list[str]:
         elif col in ("accuracy", "cosine", "rel_error") and isinstance(value, (int, float)):
             cells.append(f"{value:.3f}")
         elif col == "note":
-            note = value or ""
-            cells.append(note if len(note) <= 70 else note[:67] + "...")
+            cells.append(value or "")  # whole: a terminal table wraps it
         else:
             cells.append(_fmt_number(value))
     return cells
@@ -86,4 +85,5 @@ def layout():
     from ovqprof.output import Layout
 
     return Layout(COLUMNS, SHORT_HEADERS, short_row, frozenset({"method", "layer", "keys", "status", "note"}),
-                  "ovqprof capacity", "ovqprof capacity results")
+                  "ovqprof capacity", "ovqprof capacity results",
+                  ("cos", "rel err", "lr", "gap", "keys", "dk", "s", "seq", "method", "state"))
