@@ -17,7 +17,15 @@ import typer
 from rich.console import Console
 
 from ovqprof.errors import OvqprofError, SpecError, UsageError
-from ovqprof.output import FORMATS, SWEEP_LAYOUT, RowWriter, check_output_writable, select_columns
+from ovqprof.output import (
+    FORMATS,
+    SWEEP_LAYOUT,
+    RowWriter,
+    check_output_writable,
+    run_header_lines,
+    select_columns,
+)
+from ovqprof.progress import CellProgress, cell_label, row_result
 from ovqprof.rows import FAILED_STATUSES, MODES, STATUSES
 
 app = typer.Typer(
@@ -118,35 +126,9 @@ def _default_profile() -> tuple[str, str]:
     return "quick", "no GPU is visible"
 
 
-class _Progress:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int):
-        self.enabled = sys.stderr.isatty()
-        self.bar = None
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=err_console, transient=True)
-            self.task = self.bar.add_task("sweep", total=total)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def start(self, cell) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=f"{cell.layer.name} {cell.mode} T={cell.seq} B={cell.batch}")
-
-    def advance(self) -> None:
-        if self.bar:
-            self.bar.advance(self.task)
+def _cell_budget_s(spec) -> float:
+    """A cell's timing budget (warm-up plus repetitions) in seconds: the ETA before any cell finished."""
+    return (spec.sweep.warmup_ms + spec.sweep.rep_ms) / 1e3
 
 
 def _resume_command(output: Path) -> str:
@@ -199,6 +181,8 @@ def sweep(
                                           "cells already in this CSV or JSON file and append the rest to it."),
     columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show (table and "
                                           "md formats; default: all, a terminal hiding some to fit its width)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
+                               "an ETA in a terminal, one line per finished cell otherwise)."),
     trace_dir: Path | None = typer.Option(None, "--trace", help="Also trace every successful cell into this "
                                              "directory (as `ovqprof trace`; separate calls, timings unchanged)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -243,15 +227,22 @@ def sweep(
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
     rows: list[dict] = []
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=_cell_budget_s(spec))
+    progress.header(run_header_lines(header))
     try:
-        with writer, _Progress(len(cells)) as progress:
+        with writer, progress:
             def on_row(row: dict) -> None:
                 writer.write(row)
                 rows.append(row)
-                progress.advance()
+                progress.done(cell_label(cells_started[-1]), row_result(row))
 
-            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
-                      on_start=progress.start)
+            cells_started: list = []
+
+            def on_start(cell) -> None:
+                cells_started.append(cell)
+                progress.start(cell_label(cell))
+
+            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout, on_start=on_start)
     except KeyboardInterrupt:
         if output is None:
             how = "Write rows to a file with --output FILE to be able to resume."
@@ -313,6 +304,8 @@ def capacity(
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run: skip the layers "
                                           "(probe) or tasks (mqar) already in this CSV or JSON file, append "
                                           "the rest."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
+                               "an ETA in a terminal, one line per finished cell otherwise)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Recall capacity: accuracy against stored pairs N, and capacity@tau, for every layer of a spec."""
@@ -335,7 +328,7 @@ def capacity(
                              "(rows are appended to FILE)")
         output, format = resume, resume_format(resume)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
-                              format=format, output=output, show_progress=sys.stderr.isatty(),
+                              format=format, output=output, show_progress=not quiet,
                               layers_from_cli=layers is not None, resume=resume is not None,
                               columns=_split_list(columns))
     rows: list[dict] = []
@@ -384,6 +377,8 @@ def baseline_cmd(
                                              "(sweep --format json, check --output) instead of measuring."),
     allow_failed: bool = typer.Option(False, "--allow-failed", help="Record even when cells failed (error, "
                                       "check_failed, timeout); check does not compare those cells."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
+                               "an ETA in a terminal, one line per finished cell otherwise)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Record a baseline for `ovqprof check`: a sweep's rows with the machine header, as JSON."""
@@ -417,9 +412,18 @@ def baseline_cmd(
                         roofline=roofline)
     cells = plan_cells(spec)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=_cell_budget_s(spec))
+    progress.header(run_header_lines(header))
+    started: list = []
+
+    def on_start(cell) -> None:
+        started.append(cell)
+        progress.start(cell_label(cell))
+
     try:
-        with _Progress(len(cells)) as progress:
-            rows = runner.measure(cells, on_start=progress.start, on_row=lambda row: progress.advance())
+        with progress:
+            rows = runner.measure(cells, on_start=on_start,
+                                  on_row=lambda row: progress.done(cell_label(started[-1]), row_result(row)))
     except KeyboardInterrupt:
         err_console.print(f"interrupted: no baseline written to {output}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -459,6 +463,8 @@ def check_cmd(
     format: str = typer.Option("table", "--format", "-f", help="Report format: table, md or json."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the current rows (after "
                                           "re-measurement) as a JSON result, e.g. to promote to a baseline."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
+                               "an ETA in a terminal, one line per finished cell otherwise)."),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Compare a run with a baseline (exit 0 pass, 1 regression, 2 usage, 3 other device or versions, 4 infra)."""
@@ -470,7 +476,7 @@ def check_cmd(
         baseline=baseline, current=current, profile=profile, device=device, isolate=isolate,
         cell_timeout_s=cell_timeout, fail_on_missing=fail_on_missing, allow_version_change=allow_version_change,
         thresholds=Thresholds.parse(threshold, layer_threshold or [], mode_threshold or [], min_delta_ms),
-        output=output)
+        output=output, quiet=quiet)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         report, base_header = check_command(opts, log=lambda text: err_console.print(text, markup=False))

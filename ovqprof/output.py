@@ -167,6 +167,11 @@ def select_columns(layout: Layout, wanted: list[str] | None) -> list[str] | None
     return wanted
 
 
+def run_header_lines(header: dict) -> list[str]:
+    """The run header as the lines a result file starts with (device, versions, date, profile, ...)."""
+    return _header_lines(header)
+
+
 def _header_lines(header: dict) -> list[str]:
     keys = ("device", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile", "argv")
     lines = [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]

@@ -256,3 +256,55 @@ def test_piped_tables_keep_every_column_and_the_whole_note(monkeypatch):
             writer.write(row)
     text = out.getvalue()
     assert "TFLOP/s" in text and ("a note long enough to need wrapping " * 3).strip() in text
+
+
+# --- progress -----------------------------------------------------------------------------------------------
+def test_sweep_prints_the_header_once_then_one_line_per_cell_when_stderr_is_not_a_terminal():
+    result = runner.invoke(app, ["sweep", "--profile", "quick", "--layers", "mha,linear", "--seq", "128,256",
+                                 "--modes", "fwd", "--no-roofline", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert err.count("- device:") == 1 and err.index("- device:") < err.index("[1/4]")
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] + "]" for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert "mha fwd T=128 B=1: ok" in lines[0] and " ms; elapsed" in lines[0] and "ETA" in lines[0]
+    assert "ETA" not in lines[-1]
+    json.loads(result.stdout)  # progress never reaches stdout
+
+
+def test_quiet_silences_header_and_progress():
+    result = runner.invoke(app, ["sweep", "--profile", "quick", "--layers", "mha", "--seq", "128", "--modes",
+                                 "fwd", "--no-roofline", "-f", "csv", "--quiet"])
+    assert result.exit_code == 0 and "[1/1]" not in result.stderr and "- device:" not in result.stderr
+    result = runner.invoke(app, ["capacity", "--profile", "capacity-quick", "--layers", "softmax", "--pairs", "16",
+                                 "--seeds", "0", "-q"])
+    assert result.exit_code == 0 and "[1/1]" not in result.stderr
+
+
+def test_capacity_probe_lines_carry_accuracy():
+    result = runner.invoke(app, ["capacity", "--profile", "capacity-quick", "--layers", "softmax", "--pairs",
+                                 "16,32", "--seeds", "0", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "[1/2] probe softmax pairs=16: ok acc 1.000" in result.stderr and "- device:" in result.stderr
+
+
+def test_mqar_progress_lines_report_loss_and_accuracy(capsys, monkeypatch):
+    from ovqprof.capacity.mqar import _Bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with _Bar(True) as bar:
+        step = bar.run("mqar softmax seq=256 pairs=16 lr=0.01", 8)
+        for i in range(8):
+            step(i, 2.0 - i * 0.1, i / 8)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and err[-1].startswith("mqar softmax seq=256 pairs=16 lr=0.01: step 8/8 loss 1.300 acc 0.88")
+
+
+def test_eta_comes_from_the_budget_before_the_first_cell_and_from_finished_cells_after():
+    from ovqprof.progress import CellProgress
+
+    p = CellProgress(4, stream=io.StringIO(), budget_s=0.5)
+    assert p.eta_s() == pytest.approx(2.0)
+    p.t0 -= 3.0  # three seconds for the first cell
+    p.done("a")
+    assert p.eta_s() == pytest.approx(9.0, rel=0.05)

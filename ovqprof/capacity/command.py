@@ -167,16 +167,30 @@ def run_capacity(spec: Spec, device: torch.device, header: dict, request: Capaci
         writer.write(row)
         rows.append(row)
 
+    if request.show_progress:
+        from ovqprof.output import run_header_lines
+
+        log("\n".join(run_header_lines(header)))
     with writer:
         if request.method == "probe":
             from ovqprof.capacity.probe import run_probe
+            from ovqprof.progress import CellProgress
+
+            todo = [layer for layer in spec.layers if layer.name not in done]
+            progress = CellProgress(len(todo) * len(settings.pairs), quiet=not request.show_progress,
+                                    what="probe")
 
             def on_start(layer: str, pairs: int) -> None:
-                if request.show_progress:
-                    log(f"probe {layer}: pairs={pairs}")
+                progress.start(f"probe {layer} pairs={pairs}")
 
-            run_probe([layer for layer in spec.layers if layer.name not in done], settings, device, on_row,
-                      on_start)
+            def on_probe_row(row: dict) -> None:
+                on_row(row)
+                acc = row.get("accuracy")
+                progress.done(f"probe {row['layer']} pairs={row['pairs']}",
+                              row["status"] + (f" acc {acc:.3f}" if isinstance(acc, float) else ""))
+
+            with progress:
+                run_probe(todo, settings, device, on_probe_row, on_start)
         else:
             from ovqprof.capacity.mqar import run_mqar
 
