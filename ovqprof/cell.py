@@ -97,8 +97,16 @@ def _rates(row: dict, cost: Cost | None, timing: Timing, tokens: int, peaks: Pea
     if peaks is None:
         notes.append(NOTE_NO_PEAKS)
     else:
+        compute_bound = cost.flops / peaks.matmul_flops_per_s >= cost.bytes / peaks.copy_bytes_per_s
         roofline_s = max(cost.flops / peaks.matmul_flops_per_s, cost.bytes / peaks.copy_bytes_per_s)
-        row["pct_roofline"] = 100.0 * roofline_s / seconds
+        pct = 100.0 * roofline_s / seconds
+        spread = peaks.matmul_spread if compute_bound else peaks.copy_spread
+        if pct > 100.0 * (1.0 + spread):
+            # Faster than the measured peak by more than its own run-to-run spread: the peak is an
+            # underestimate (or the cost model overcounts), so the figure is not a fraction of anything.
+            notes.append(f"% of roofline measured {pct:.0f} (peak spread {100 * spread:.0f}%): clipped to 100")
+            pct = 100.0
+        row["pct_roofline"] = pct
     return notes
 
 

@@ -308,3 +308,41 @@ def test_eta_comes_from_the_budget_before_the_first_cell_and_from_finished_cells
     p.t0 -= 3.0  # three seconds for the first cell
     p.done("a")
     assert p.eta_s() == pytest.approx(9.0, rel=0.05)
+
+
+# --- % of roofline ------------------------------------------------------------------------------------------
+def _rates_with(pct_of_peak: float, spread: float) -> tuple[dict, list[str]]:
+    from ovqprof.cell import _rates
+    from ovqprof.layers.base import Cost
+    from ovqprof.measure.peaks import Peaks
+    from ovqprof.measure.timing import Timing
+
+    peaks = Peaks("float32", matmul_flops_per_s=1e11, copy_bytes_per_s=1e10, matmul_size=1536, copy_bytes=1,
+                  matmul_spread=spread, copy_spread=spread, rounds=3)
+    # 1e9 FLOP (compute-bound): at the peak it takes 10 ms
+    row: dict = {}
+    notes = _rates(row, Cost(1e9, 1e3), Timing(10.0 * 100 / pct_of_peak, 1, 1, "wall"), 1, peaks)
+    return row, notes
+
+
+def test_percent_of_roofline_within_the_peaks_spread_is_kept():
+    row, notes = _rates_with(105.0, 0.10)
+    assert row["pct_roofline"] == pytest.approx(105.0) and not notes
+
+
+def test_percent_of_roofline_beyond_the_peaks_spread_is_clipped_and_said():
+    row, notes = _rates_with(147.0, 0.05)
+    assert row["pct_roofline"] == 100.0
+    assert notes == ["% of roofline measured 147 (peak spread 5%): clipped to 100"]
+
+
+def test_peaks_are_a_median_of_rounds_with_their_spread_in_the_header():
+    import torch
+
+    from ovqprof.measure.peaks import measure_peaks
+    from ovqprof.output import run_header_lines
+
+    p = measure_peaks(torch.device("cpu"), torch.float32, rounds=3)
+    assert p.rounds == 3 and 0 <= p.matmul_spread < 5 and p.matmul_flops_per_s > 0
+    lines = run_header_lines({"device": "cpu", "peaks": {"float32": p.as_dict()}})
+    assert any(line.startswith("- peaks (float32, median of 3 rounds") for line in lines)
