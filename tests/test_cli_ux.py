@@ -346,3 +346,20 @@ def test_peaks_are_a_median_of_rounds_with_their_spread_in_the_header():
     assert p.rounds == 3 and 0 <= p.matmul_spread < 5 and p.matmul_flops_per_s > 0
     lines = run_header_lines({"device": "cpu", "peaks": {"float32": p.as_dict()}})
     assert any(line.startswith("- peaks (float32, median of 3 rounds") for line in lines)
+
+
+# --- plots ----------------------------------------------------------------------------------------------------
+def test_plot_styles_are_unique_per_series_coloured_by_family_and_highlight_ovq():
+    from ovqprof.report.plots import Palette, style
+
+    families = {"mha": "softmax", "gqa": "softmax", "mqa": "softmax", "swa": "softmax", "ovq": "ovq",
+                "ovq_public": "ovq", "ovq_full": "ovq", "linear": "linear", "gla": "gla", "mla": "mla",
+                "ccgqa": "cca", "cca": "cca", "mamba2": "mamba2", "delta_net": "delta_net",
+                "gated_delta_net": "gated_delta_net", "retnet": "retnet", "transformer_vq": "transformer_vq",
+                "mka": "mka", "fast_mka": "mka", "bov": "bank_of_values"}
+    order = Palette(sorted(families), families)
+    styles = {label: style(label, order) for label in order}
+    keys = {(s["color"], s["marker"], s["linestyle"]) for s in styles.values()}
+    assert len(keys) == len(styles)  # no two series look alike (issue: mha and ccgqa were both green)
+    assert styles["mha"]["color"] == styles["gqa"]["color"] != styles["ccgqa"]["color"]
+    assert all(styles[o]["linewidth"] > styles["mha"]["linewidth"] for o in ("ovq", "ovq_public", "ovq_full"))

@@ -73,7 +73,8 @@ class Report:
         self.kinds = kind_of_label(self.sweep, self.sweep_labels)
         self.groups = {self.sweep_labels(r): self.sweep_labels.group(r) for r in self.sweep}
         labels = {self.sweep_labels(r) for r in self.sweep} | {self.capacity_labels(r) for r in self.capacity}
-        self.order = sorted(labels)
+        families = {**kind_of_label(self.capacity, self.capacity_labels), **self.kinds}
+        self.order = plots.Palette(sorted(labels), families)
         self.written: list[str] = []
 
     def path(self, name: str) -> Path:

@@ -19,13 +19,43 @@ from ovqprof.report.series import Series
 DPI = 100
 PANEL_SIZE = (5.2, 4.0)  # inches per panel
 LEGEND_COLUMNS = 5
+# Twenty distinct colours (matplotlib's tab10, then darker tab20b/c tones): one per layer family.
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+           "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+           "#31a354", "#756bb1", "#636363", "#e6550d")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
+LINESTYLES = ("-", "--", "-.", ":")
+HIGHLIGHT_FAMILY = "ovq"  # OVQ variants are what a report is read for: drawn thicker, on top
+
+
+class Palette(list):
+    """The report's labels in order (a list, as `style` expects) with each label's family (`kind`), so a
+    family shares a colour and its members differ by marker and line style."""
+
+    def __init__(self, labels: list[str], families: dict[str, str]):
+        super().__init__(labels)
+        self.families = families
+        names = sorted({families.get(label, "") for label in labels})
+        self.family_index = {name: i for i, name in enumerate(names)}
+        self.member_index = {}
+        for label in labels:
+            members = [other for other in labels if families.get(other, "") == families.get(label, "")]
+            self.member_index[label] = members.index(label)
+
+
 def style(label: str, order: list[str]) -> dict:
-    """Colour and marker of a label: by its place in `order` (all labels of the report, sorted)."""
+    """Colour, marker, line style and width of a label. With a Palette: colour by family, marker and line style
+    by member (unique per label), OVQ thicker and on top; with a plain list: by the label's place in it."""
+    families = getattr(order, "families", None)
+    if families is not None and label in order:
+        family = families.get(label, "")
+        f, m = order.family_index[family], order.member_index[label]
+        highlight = family == HIGHLIGHT_FAMILY
+        return {"color": COLOURS[f % len(COLOURS)], "marker": MARKERS[m % len(MARKERS)],
+                "linestyle": LINESTYLES[(m // len(MARKERS) + f // len(COLOURS)) % len(LINESTYLES)],
+                "linewidth": 2.6 if highlight else 1.4, "zorder": 3 if highlight else 2}
     i = order.index(label) if label in order else zlib.crc32(label.encode())
     return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[(i // len(COLOURS) + i) % len(MARKERS)]}
 
@@ -68,7 +98,7 @@ def _figure(panels: int, width: float = PANEL_SIZE[0]) -> tuple[Figure, list]:
 def _lines(ax, series: Series, order: list[str]) -> None:
     for label, points in series.items():
         xs = list(points)
-        ax.plot(xs, [points[x] for x in xs], label=label, linewidth=1.6, markersize=5, **style(label, order))
+        ax.plot(xs, [points[x] for x in xs], label=label, markersize=5, **{"linewidth": 1.6, **style(label, order)})
 
 
 def _shared_legend(fig: Figure, axes: list) -> None:
