@@ -36,11 +36,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--slots", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=64, help="chunk size L (a power of two, 16 .. 256)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     B, H, d = args.batch, args.heads, args.dim
-    cfg = OVQConfig(dict_size=args.slots, chunk_size=64)
-    print(f"device {torch.cuda.get_device_name()}  B={B} H={H} d={d} N={args.slots} L=64 bf16", flush=True)
+    L = args.chunk
+    cfg = OVQConfig(dict_size=args.slots, chunk_size=L)
+    print(f"device {torch.cuda.get_device_name()}  B={B} H={H} d={d} N={args.slots} L={L} bf16", flush=True)
     for T in (int(s) for s in args.seq.split(",")):
         q, k = (F.normalize(torch.randn(B, H, T, d, device=dev), dim=-1).bfloat16() for _ in range(2))
         v = torch.randn(B, H, T, d, device=dev, dtype=torch.bfloat16)
@@ -74,7 +76,7 @@ def main() -> None:
         keys = F.normalize(torch.randn(B, H, args.slots, d, device=dev), dim=-1)
         vals = torch.randn(B, H, args.slots, d, device=dev)
         cnt = torch.ones(B, H, args.slots, device=dev)
-        buf = torch.randn(B, H, 63, d, device=dev)
+        buf = torch.randn(B, H, L - 1, d, device=dev)
         q1, k1, v1 = q[:, :, 0].float(), k[:, :, 0].float(), v[:, :, 0].float()
         dec = lambda: ovq_decode_triton(q1, k1, v1, beta, keys, vals, cnt, n, buf, buf, 0, True)  # noqa: E731
         ms = do_bench(dec, warmup=10, rep=50)

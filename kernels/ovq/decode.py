@@ -3,7 +3,9 @@
 Memory-bound: the step must read the active dictionary (n slots of D_k and D_v, float32) once. The slots of
 each (batch, head) are split across programs so that small batches still fill the GPU; each program writes
 a partial softmax (max, sum, weighted values) and `combine` merges them with a log-sum-exp rescale. The last
-split reads the buffer (tokens since the last flush) and the token itself. The dictionary's write (the
+split reads the buffer (tokens since the last flush, up to L - 1 = 255 rows) and the token itself, in blocks
+of BB rows with an online softmax (a whole [L, dk] float32 buffer tile would spill at L = 256). Slot logits
+are beta q.D_k + log c, without log c under `count_bias: false`. The dictionary's write (the
 flush every L tokens) is not in this kernel: the layer runs it with the reference's `write`.
 """
 
@@ -17,8 +19,8 @@ import triton.language as tl
 @triton.jit
 def ovq_decode_kernel(Q, K, V, BETA, MK, MV, CNT, BK, BV, PM, PL, PACC,
                       H, N, n_active, buf_len, span, n_splits, BUF_ROWS,
-                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
-                      NORMALIZE: tl.constexpr):
+                      DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
+                      NORMALIZE: tl.constexpr, COUNT_BIAS: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     h = bh % H
@@ -41,7 +43,10 @@ def ovq_decode_kernel(Q, K, V, BETA, MK, MV, CNT, BK, BV, PM, PL, PACC,
             dots = tl.sum(mk * q[None, :], axis=1)
             if NORMALIZE:
                 dots = dots / tl.sqrt(tl.maximum(tl.sum(mk * mk, axis=1), 1e-30))
-            s = tl.where(smask, beta * dots + tl.log(cnt), float("-inf"))
+            s = beta * dots
+            if COUNT_BIAS:
+                s += tl.log(cnt)
+            s = tl.where(smask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             scale = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
@@ -50,21 +55,25 @@ def ovq_decode_kernel(Q, K, V, BETA, MK, MV, CNT, BK, BV, PM, PL, PACC,
             acc = acc * scale + tl.sum(p[:, None] * mv, axis=0)
             m_i = m_new
     else:
-        # The local keys: buffer rows 0 .. buf_len-1, then the token itself at row buf_len.
-        rows = tl.arange(0, BL)
-        in_buf = rows < buf_len
-        bk = tl.load(BK + (bh * BUF_ROWS + rows)[:, None] * DK + dk[None, :], mask=in_buf[:, None], other=0.0)
-        bv = tl.load(BV + (bh * BUF_ROWS + rows)[:, None] * DV + dv[None, :], mask=in_buf[:, None], other=0.0)
+        # The local keys: buffer rows 0 .. buf_len-1, then the token itself at row buf_len (row 0 is always
+        # visible, so m is finite after the first block).
         k_t = tl.load(K + bh * DK + dk).to(tl.float32)
         v_t = tl.load(V + bh * DV + dv).to(tl.float32)
-        is_self = rows == buf_len
-        bk = tl.where(is_self[:, None], k_t[None, :], bk.to(tl.float32))
-        bv = tl.where(is_self[:, None], v_t[None, :], bv.to(tl.float32))
-        s = tl.where(rows <= buf_len, beta * tl.sum(bk * q[None, :], axis=1), float("-inf"))
-        m_i = tl.max(s, axis=0)
-        p = tl.exp(s - m_i)
-        l_i = tl.sum(p, axis=0)
-        acc = tl.sum(p[:, None] * bv, axis=0)
+        for b0 in range(0, buf_len + 1, BB):
+            rows = b0 + tl.arange(0, BB)
+            in_buf = rows < buf_len
+            bk = tl.load(BK + (bh * BUF_ROWS + rows)[:, None] * DK + dk[None, :], mask=in_buf[:, None], other=0.0)
+            bv = tl.load(BV + (bh * BUF_ROWS + rows)[:, None] * DV + dv[None, :], mask=in_buf[:, None], other=0.0)
+            is_self = rows == buf_len
+            bk = tl.where(is_self[:, None], k_t[None, :], bk.to(tl.float32))
+            bv = tl.where(is_self[:, None], v_t[None, :], bv.to(tl.float32))
+            s = tl.where(rows <= buf_len, beta * tl.sum(bk * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            scale = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            l_i = l_i * scale + tl.sum(p, axis=0)
+            acc = acc * scale + tl.sum(p[:, None] * bv, axis=0)
+            m_i = m_new
     part = bh * (n_splits + 1) + sp
     tl.store(PM + part, m_i)
     tl.store(PL + part, l_i)
@@ -83,10 +92,12 @@ def _splits(bh: int, n_active: int, block: int, device: torch.device) -> int:
 
 def ovq_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, counts: torch.Tensor, n_active: int, buf_k: torch.Tensor,
-                      buf_v: torch.Tensor, buf_len: int, normalize: bool, block_slots: int = 64) -> torch.Tensor:
+                      buf_v: torch.Tensor, buf_len: int, normalize: bool, block_slots: int = 64,
+                      count_bias: bool = True) -> torch.Tensor:
     """Read for one token: q, k [B, H, dk], v [B, H, dv]; dictionary means keys [B, H, N, dk], values
     [B, H, N, dv], counts [B, H, N] with `n_active` slots in use; buffer buf_k [B, H, L-1, dk], buf_v with
-    `buf_len` rows. Returns o [B, H, dv] float32."""
+    `buf_len` rows. count_bias: add log c to the slot logits (the config's `count_bias`). Returns o [B, H, dv]
+    float32."""
     B, H, DK = q.shape
     DV = v.shape[-1]
     N = keys.shape[2]
@@ -100,11 +111,13 @@ def ovq_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: t
     pl = torch.empty_like(pm)
     pacc = torch.empty(bh, parts, DV, dtype=torch.float32, device=q.device)
     buf_rows = buf_k.shape[2]
-    bl = max(16, triton.next_power_of_2(buf_len + 1))
+    # One block size per buffer size (not per buf_len: no recompiles while decoding), at most 32 rows: two
+    # float32 [32, 128] tiles fit without spilling at 4 warps (64 rows spilled 152 B per thread).
+    bb = min(32, max(16, triton.next_power_of_2(buf_rows + 1)))
     ovq_decode_kernel[(bh, parts)](
         q.contiguous(), k.contiguous(), v.contiguous(), beta.to(torch.float32).contiguous(), keys, values,
         counts, buf_k, buf_v, pm, pl, pacc, H, N, n_active, buf_len, span, n_splits, buf_rows,
-        DK=DK, DV=DV, BN=block_slots, BL=bl, NORMALIZE=normalize, num_warps=4)
+        DK=DK, DV=DV, BN=block_slots, BB=bb, NORMALIZE=normalize, COUNT_BIAS=count_bias, num_warps=4)
     return combine(pm, pl, pacc).view(B, H, DV)
 
 

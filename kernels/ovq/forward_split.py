@@ -4,16 +4,16 @@ The v1 forward (`forward.py`) runs one program per (batch, head): 16 programs on
 Here P programs share a (batch, head), program p owning the slots p, p + P, p + 2P, ... (interleaved, so the
 work stays balanced while the dictionary grows). Per chunk:
 
-- phase A (every program): one pass over its own active slots gives a partial read (online-softmax max m,
-  sum l and weighted values acc, flash-attention style; program 0 also adds the causal L x L block) and a
-  partial assignment (max similarity and argmax of each key over its slots). Partials go to a small global
-  scratch, double-buffered by chunk parity.
+- phase A (every program), per row block of BM rows (tiles.py): one pass over its own active slots gives a
+  partial read (online-softmax max m, sum l and weighted values acc, flash-attention style; program 0 also
+  adds the causal local block) and a partial assignment (max similarity and argmax of each key over its
+  slots). Partials go to a small global scratch, double-buffered by chunk parity.
 - barrier between the P programs of the (batch, head): each stores the chunk it finished in a flag and waits
   until all P flags reach it. One barrier per chunk is enough: a program writes a parity buffer again only two
   chunks later, after every program has passed the next barrier, i.e. finished reading it.
 - phase B (every program): merges the P read partials for its L/P rows with a log-sum-exp merge (o, lse), and
   the P assignment partials for all L keys; every program then picks the same spawns and slots z (the shared
-  `_assign`), and adds the keys and values assigned to its own slots into the float32 sums. No other program
+  `assign._write_chunk`), and adds the keys and values assigned to its own slots into the float32 sums. No other program
   touches those slots, so the next chunk's phase A needs no further synchronisation.
 
 The persistent kernel runs all chunks in one launch; all B * H * P programs must be resident at once (the host
@@ -31,117 +31,78 @@ import torch
 import triton
 import triton.language as tl
 
+from .assign import _write_chunk
 from .config import OVQConfig
-from .forward import (
-    _assign,
-    _dict_dot,
-    _dot,
-    _key_dot,
-    _slot_tile,
-    dict_mode,
-    exact_dots,
-    random_ranks,
-    schedule_tensors,
-)
+from .forward import schedule_tensors, spawn_ranks_input, write_options, write_scratch
+from .tiles import _read_dict, _read_local, dict_mode, exact_dots, row_block, slot_block
 
 
 @triton.jit
 def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
              P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-             NORMALIZE: tl.constexpr, IEEE: tl.constexpr, DICT: tl.constexpr):
-    """Partial read and assignment of chunk c over program p's slots; stores m, l [L], acc [L, DV], best [L]
-    and its slot index [L] into parity buffer c % 2."""
-    rows = tl.arange(0, L)
+             BM: tl.constexpr, NORMALIZE: tl.constexpr, COUNT_BIAS: tl.constexpr, IEEE: tl.constexpr,
+             DICT: tl.constexpr):
+    """Partial read and assignment of chunk c over program p's slots, in row blocks of BM; stores m, l [L],
+    acc [L, DV], best [L] and its slot index [L] into parity buffer c % 2."""
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
-    slot_ids = tl.arange(0, BN)
-    pos = c * L + rows
-    valid = pos < T
-    q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-    k = tl.load(K + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-    sk_base = SK + bh * N * DK
-    sv_base = SV + bh * N * DV
-    c_base = CNT + bh * N
+    k_base = K + bh * T * DK
     n = tl.load(NACT + c)
-    m_i = tl.full([L], float("-inf"), tl.float32)
-    l_i = tl.zeros([L], tl.float32)
-    acc = tl.zeros([L, DV], tl.float32)
-    best = tl.full([L], float("-inf"), tl.float32)
-    best_idx = tl.zeros([L], tl.int32)
     owned = (n - p + P - 1) // P  # slots p, p + P, ... below n
-    for t0 in range(0, owned, BN):
-        slots = (t0 + slot_ids) * P + p
-        smask = slots < n
-        sk, cnt, scale = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
-        inv = 1.0 / scale
-        skt = tl.trans(sk)
-        s = _key_dot(q, skt, IEEE, DICT) * (beta * inv)[None, :] + tl.log(cnt)[None, :]
-        s = tl.where(smask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
-                     cache_modifier=".cg")
-        acc = acc * alpha[:, None] + _dict_dot(pr / cnt[None, :], sv, IEEE, DICT)  # D_v = S_v / c
-        m_i = m_new
-        sim = _key_dot(k, skt, IEEE, DICT) * inv[None, :]
-        sim = tl.where(smask[None, :], sim, float("-inf"))
-        tile_best = tl.max(sim, axis=1)
-        tile_idx = (tl.argmax(sim, axis=1).to(tl.int32) + t0) * P + p
-        better = tile_best > best  # strict: the lowest slot wins ties, like torch.argmax
-        best_idx = tl.where(better, tile_idx, best_idx)
-        best = tl.where(better, tile_best, best)
-    if p == 0:  # the causal local block, once per (batch, head)
-        v = tl.load(V + bh * T * DV + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * beta
-        s = tl.where((rows[None, :] <= rows[:, None]) & valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, IEEE)
-        m_i = m_new
     base = ((bh * 2 + c % 2) * P + p) * L
-    tl.store(PM + base + rows, m_i)
-    tl.store(PL + base + rows, l_i)
-    tl.store(PACC + (base + rows)[:, None] * DV + dv[None, :], acc)
-    tl.store(PBEST + base + rows, best)
-    tl.store(PIDX + base + rows, best_idx)
+    for r in range(0, L // BM):
+        rows = r * BM + tl.arange(0, BM)
+        pos = c * L + rows
+        valid = pos < T
+        q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc, best, best_idx = _read_dict(q, k, beta, SK + bh * N * DK, SV + bh * N * DV, CNT + bh * N,
+                                                   n, p, owned, P, BM, DK, DV, BN, NORMALIZE, COUNT_BIAS, IEEE,
+                                                   DICT)
+        if p == 0:  # the causal local block, once per (batch, head)
+            m_i, l_i, acc = _read_local(q, rows, beta, m_i, l_i, acc, k_base, V + bh * T * DV, c, r, T,
+                                        L, BM, DK, DV, IEEE)
+        tl.store(PM + base + rows, m_i)
+        tl.store(PL + base + rows, l_i)
+        tl.store(PACC + (base + rows)[:, None] * DV + dv[None, :], acc)
+        tl.store(PBEST + base + rows, best)
+        tl.store(PIDX + base + rows, best_idx)
 
 
 @triton.jit
-def _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX, OUT, LSE, Z,
-             T, H, N, n_write, so_b, so_h, so_t,
-             P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-             SPREAD: tl.constexpr, IEEE: tl.constexpr):
-    """Merge chunk c's P partials: o and lse for program p's L/P rows; then the chunk's write (spawns, slots z,
-    sums) restricted to program p's slots. Partials are read past L1 (.cg): other SMs wrote them."""
+def _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX,
+             SBEST, SIDX, SKEY, SRANK, OUT, LSE, Z, T, H, N, n_write, so_b, so_h, so_t,
+             P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+             RM: tl.constexpr, INIT: tl.constexpr, CHUNK_START: tl.constexpr, IEEE: tl.constexpr):
+    """Merge chunk c's P partials: o and lse for program p's L/P rows (RM at a time); then the chunk's write
+    (spawns, slots z, sums) restricted to program p's slots. Partials are read past L1 (.cg): other SMs
+    wrote them. SBEST, SIDX, SKEY, SRANK: this program's scratch [L] (assign.py)."""
     RB: tl.constexpr = L // P
     dv = tl.arange(0, DV)
     part = (bh * 2 + c % 2) * P
-    rb = p * RB + tl.arange(0, RB)
-    m = tl.full([RB], float("-inf"), tl.float32)
-    lsum = tl.zeros([RB], tl.float32)
-    acc = tl.zeros([RB, DV], tl.float32)
-    for j in tl.static_range(P):  # program 0 first: its partial holds the local block, so m is finite at once
-        row_at = (part + j) * L + rb
-        mj = tl.load(PM + row_at, cache_modifier=".cg")
-        m_new = tl.maximum(m, mj)
-        a = tl.exp(m - m_new)
-        b = tl.exp(mj - m_new)
-        lsum = lsum * a + tl.load(PL + row_at, cache_modifier=".cg") * b
-        acc = acc * a[:, None] + tl.load(PACC + row_at[:, None] * DV + dv[None, :], cache_modifier=".cg") * b[:, None]
-        m = m_new
     h = bh % H
-    pos_r = c * L + rb
-    valid_r = pos_r < T
-    o_ptr = OUT + (bh // H) * so_b + h * so_h + pos_r[:, None] * so_t + dv[None, :]
-    tl.store(o_ptr, (acc / lsum[:, None]).to(OUT.dtype.element_ty), mask=valid_r[:, None])
-    tl.store(LSE + bh * T + pos_r, m + tl.log(lsum), mask=valid_r)
+    for r0 in range(0, RB, RM):
+        rb = p * RB + r0 + tl.arange(0, RM)
+        m = tl.full([RM], float("-inf"), tl.float32)
+        lsum = tl.zeros([RM], tl.float32)
+        acc = tl.zeros([RM, DV], tl.float32)
+        for j in tl.static_range(P):  # program 0 first: its partial holds the local block, so m is finite
+            row_at = (part + j) * L + rb
+            mj = tl.load(PM + row_at, cache_modifier=".cg")
+            m_new = tl.maximum(m, mj)
+            a = tl.exp(m - m_new)
+            b = tl.exp(mj - m_new)
+            lsum = lsum * a + tl.load(PL + row_at, cache_modifier=".cg") * b
+            pacc = tl.load(PACC + row_at[:, None] * DV + dv[None, :], cache_modifier=".cg")
+            acc = acc * a[:, None] + pacc * b[:, None]
+            m = m_new
+        pos_r = c * L + rb
+        valid_r = pos_r < T
+        o_ptr = OUT + (bh // H) * so_b + h * so_h + pos_r[:, None] * so_t + dv[None, :]
+        tl.store(o_ptr, (acc / lsum[:, None]).to(OUT.dtype.element_ty), mask=valid_r[:, None])
+        tl.store(LSE + bh * T + pos_r, m + tl.log(lsum), mask=valid_r)
     if c < n_write:
         rows = tl.arange(0, L)
-        dk = tl.arange(0, DK)
         best = tl.full([L], float("-inf"), tl.float32)
         best_idx = tl.zeros([L], tl.int32)
         for j in tl.static_range(P):
@@ -151,20 +112,14 @@ def _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, 
             better = (bj > best) | ((bj == best) & (ij < best_idx))
             best_idx = tl.where(better, ij, best_idx)
             best = tl.where(better, bj, best)
-        pos = c * L + rows
-        k = tl.load(K + bh * T * DK + pos[:, None] * DK + dk[None, :])
-        v = tl.load(V + bh * T * DV + pos[:, None] * DV + dv[None, :])
-        n = tl.load(NACT + c)
-        z = _assign(k, best, best_idx, n, tl.load(MSPAWN + c), RANK + (c * BH + bh) * L, L, SPREAD, IEEE)
-        if p == 0:
-            tl.store(Z + bh * (n_write * L) + pos, z)
-        own = (z % P) == p
-        # Relaxed: only this program reads its sums, after a block barrier (see forward.py).
-        tl.atomic_add(SK + bh * N * DK + z[:, None] * DK + dk[None, :], k.to(tl.float32), mask=own[:, None],
-                      sem="relaxed")
-        tl.atomic_add(SV + bh * N * DV + z[:, None] * DV + dv[None, :], v.to(tl.float32), mask=own[:, None],
-                      sem="relaxed")
-        tl.atomic_add(CNT + bh * N + z, tl.full([L], 1.0, tl.float32), mask=own, sem="relaxed")
+        tl.store(SBEST + rows, best)
+        tl.store(SIDX + rows, best_idx)
+        tl.debug_barrier()
+        # Every program computes the same spawns and slots; each adds only the tokens of its own slots.
+        _write_chunk(K + bh * T * DK + c * L * DK, V + bh * T * DV + c * L * DV, SK + bh * N * DK,
+                     SV + bh * N * DV, CNT + bh * N, Z + bh * (n_write * L) + c * L, SBEST, SIDX, SKEY, SRANK,
+                     RANK + (c * BH + bh) * L, tl.load(NACT + c), tl.load(MSPAWN + c), p, P, L, DK, DV, BM,
+                     INIT, CHUNK_START, IEEE)
 
 
 @triton.jit
@@ -184,48 +139,54 @@ def _barrier(flags, p, epoch, P: tl.constexpr):
 
 
 @triton.jit
-def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX, FLAGS,
-                         OUT, LSE, Z, T, H, N, n_write, n_chunks, so_b, so_h, so_t,
+def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX,
+                         SBEST, SIDX, SKEY, SRANK, FLAGS, OUT, LSE, Z, T, H, N, n_write, n_chunks, so_b, so_h, so_t,
                          P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                         BN: tl.constexpr, SPREAD: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-                         DICT: tl.constexpr):
-    """Persistent: grid (B * H * P,), every chunk in one launch."""
+                         BN: tl.constexpr, BM: tl.constexpr, RM: tl.constexpr, INIT: tl.constexpr,
+                         CHUNK_START: tl.constexpr, COUNT_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                         IEEE: tl.constexpr, DICT: tl.constexpr):
+    """Persistent: grid (B * H * P,), every chunk in one launch. SBEST.. SRANK: scratch [B * H * P, L]."""
     pid = tl.program_id(0)
     bh = pid // P
     p = pid % P
     BH = tl.num_programs(0) // P
     beta = tl.load(BETA + bh % H).to(tl.float32)
+    scratch = pid * L
     for c in range(0, n_chunks):
         _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
-                 P, L, DK, DV, BN, NORMALIZE, IEEE, DICT)
+                 P, L, DK, DV, BN, BM, NORMALIZE, COUNT_BIAS, IEEE, DICT)
         _barrier(FLAGS + bh * P, p, c + 1, P)
-        _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX, OUT, LSE, Z,
-                 T, H, N, n_write, so_b, so_h, so_t, P, L, DK, DV, SPREAD, IEEE)
+        _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX,
+                 SBEST + scratch, SIDX + scratch, SKEY + scratch, SRANK + scratch, OUT, LSE, Z,
+                 T, H, N, n_write, so_b, so_h, so_t, P, L, DK, DV, BM, RM, INIT, CHUNK_START, IEEE)
         tl.debug_barrier()  # this program's sums are complete before its next phase A reads them
 
 
 @triton.jit
 def ovq_split_read_kernel(c, Q, K, V, BETA, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, H, N,
                           P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                          BN: tl.constexpr, NORMALIZE: tl.constexpr, IEEE: tl.constexpr,
-                          DICT: tl.constexpr):
+                          BN: tl.constexpr, BM: tl.constexpr, COUNT_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                          IEEE: tl.constexpr, DICT: tl.constexpr):
     """Stepped phase A of chunk c: grid (B * H * P,)."""
     pid = tl.program_id(0)
     bh = pid // P
     beta = tl.load(BETA + bh % H).to(tl.float32)
     _phase_a(c, bh, pid % P, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
-             P, L, DK, DV, BN, NORMALIZE, IEEE, DICT)
+             P, L, DK, DV, BN, BM, NORMALIZE, COUNT_BIAS, IEEE, DICT)
 
 
 @triton.jit
-def ovq_split_write_kernel(c, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX, OUT, LSE, Z,
-                           T, H, N, n_write, so_b, so_h, so_t,
+def ovq_split_write_kernel(c, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX,
+                           SBEST, SIDX, SKEY, SRANK, OUT, LSE, Z, T, H, N, n_write, so_b, so_h, so_t,
                            P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                           SPREAD: tl.constexpr, IEEE: tl.constexpr):
+                           BM: tl.constexpr, RM: tl.constexpr, INIT: tl.constexpr, CHUNK_START: tl.constexpr,
+                           IEEE: tl.constexpr):
     """Stepped phase B of chunk c: grid (B * H * P,)."""
     pid = tl.program_id(0)
+    s = pid * L
     _phase_b(c, pid // P, pid % P, tl.num_programs(0) // P, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL,
-             PACC, PBEST, PIDX, OUT, LSE, Z, T, H, N, n_write, so_b, so_h, so_t, P, L, DK, DV, SPREAD, IEEE)
+             PACC, PBEST, PIDX, SBEST + s, SIDX + s, SKEY + s, SRANK + s, OUT, LSE, Z, T, H, N, n_write,
+             so_b, so_h, so_t, P, L, DK, DV, BM, RM, INIT, CHUNK_START, IEEE)
 
 
 def _interpreted() -> bool:
@@ -249,20 +210,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def merge_rows(chunk: int, programs: int, cap: int = 16) -> int:
+    """RM, rows merged at a time in phase B: all L / P of a program's rows, at most `cap` (P partial [RM, d]
+    float32 tiles are in flight at once; at RM = 32, d = 128 the 4-warp merge spilled ~1 KB per thread)."""
+    return min(chunk // programs, cap)
+
+
 def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                              cfg: OVQConfig, programs: int | None = None, stepped: bool | None = None,
-                             block_slots: int = 64, num_warps: int = 8, dict_precision: str = "tf32"):
+                             block_slots: int = 64, num_warps: int = 8, dict_precision: str = "tf32",
+                             block_rows: int = 64):
     """`ovq_forward_triton`'s contract (same inputs, outputs and results) with the slots split over
     `programs` programs per (batch, head) (a power of two <= chunk_size; default `split_programs`).
     stepped: two launches per chunk instead of one persistent launch (default: only when P > 1 under
-    TRITON_INTERPRET=1, where the persistent kernel's barrier cannot work)."""
+    TRITON_INTERPRET=1, where the persistent kernel's barrier cannot work). block_rows as in
+    `ovq_forward_triton`."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     L, N = cfg.chunk_size, cfg.dict_size
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dev = q.device
     dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
-    bn = max(16, min(block_slots, triton.next_power_of_2(N)))
+    opts = write_options(cfg)
+    bm = row_block(L, block_rows)
+    bn = slot_block(block_slots, N)
     sms = _sm_count(dev)
     P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
     if P < 1 or P & (P - 1) or P > L:
@@ -279,8 +250,7 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n_chunks = -(-T // L)
     n_write = T // L
     nact, msp = schedule_tensors(cfg, n_chunks, n_write, dev)
-    spread = cfg.init == "spread"
-    ranks = random_ranks(cfg, B, H, n_write, dev) if not spread else torch.empty(1, dtype=torch.int32, device=dev)
+    ranks = spawn_ranks_input(cfg, B, H, n_write, dev)
     sk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev)
     sv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev)
     cnt = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
@@ -292,24 +262,26 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pm, pl, pbest = (torch.empty(part, dtype=torch.float32, device=dev) for _ in range(3))
     pacc = torch.empty(*part, DV, dtype=torch.float32, device=dev)
     pidx = torch.empty(part, dtype=torch.int32, device=dev)
+    scratch = write_scratch(B * H * P, L, dev)
     ieee = exact_dots(q.dtype)
     beta32 = beta.to(torch.float32).contiguous()
     grid = (B * H * P,)
     so = (o.stride(0), o.stride(1), o.stride(2))
+    shape = dict(P=P, L=L, DK=DK, DV=DV, BM=bm)
+    write_consts = dict(RM=merge_rows(L, P), INIT=opts["INIT"], CHUNK_START=opts["CHUNK_START"])
+    read_consts = dict(BN=bn, COUNT_BIAS=opts["COUNT_BIAS"], NORMALIZE=opts["NORMALIZE"], DICT=dmode)
     if stepped:
         for c in range(n_chunks):
             ovq_split_read_kernel[grid](
                 c, q, k, v, beta32, sk, sv, cnt, nact, pm, pl, pacc, pbest, pidx, T, H, N,
-                P=P, L=L, DK=DK, DV=DV, BN=bn, NORMALIZE=cfg.normalize_centroids, IEEE=ieee,
-                DICT=dmode, num_warps=num_warps, num_stages=1)
+                **shape, **read_consts, IEEE=ieee, num_warps=num_warps, num_stages=1)
             ovq_split_write_kernel[grid](
-                c, k, v, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, o, lse, z,
-                T, H, N, n_write, *so, P=P, L=L, DK=DK, DV=DV, SPREAD=spread, IEEE=ieee, num_warps=4)
+                c, k, v, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, *scratch, o, lse, z,
+                T, H, N, n_write, *so, **shape, **write_consts, IEEE=ieee, num_warps=8)
     else:
         flags = torch.zeros(B * H, P, dtype=torch.int32, device=dev)
         ovq_fwd_split_kernel[grid](
-            q, k, v, beta32, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, flags, o, lse, z,
-            T, H, N, n_write, n_chunks, *so, P=P, L=L, DK=DK, DV=DV, BN=bn, SPREAD=spread,
-            NORMALIZE=cfg.normalize_centroids, IEEE=ieee, DICT=dmode, num_warps=num_warps,
-            num_stages=1)
+            q, k, v, beta32, sk, sv, cnt, nact, msp, ranks, pm, pl, pacc, pbest, pidx, *scratch, flags, o, lse, z,
+            T, H, N, n_write, n_chunks, *so, **shape, **write_consts, **read_consts, IEEE=ieee,
+            num_warps=num_warps, num_stages=1)
     return o, lse, z[:, :, : n_write * L], sk, sv, cnt
