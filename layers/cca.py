@@ -4,13 +4,19 @@ residual, a half-channel value shift and L2-normalised q, k with a learned tempe
 
 Shapes: B batch, T length, D d_model, H heads, C compression, Hl = H / C latent query heads, G latent kv
 heads (CCA: G = Hl; CCGQA: G < Hl), dh head_dim (kept: the latent narrows the head count, as in ZAYA1),
-Cqk = (Hl + G) * dh conv channels, L = (kernel_size - 1) + (channel_kernel_size - 1) conv tail.
+Cqk = (Hl + G) * dh conv channels, L = (kernel_size - 1) + (channel_kernel_size - 1) conv tail, Sv the value
+channels taken from the previous token (G * (dh//2) per_head, G*dh//2 whole_heads).
+
+ZAYA1 as it runs (HF transformers `ZayaAttention`; 8 latent query heads, 2 kv heads: ccgqa): rope_fraction
+0.5, rope_theta 5e6, value_shift whole_heads, temperature_init 0. The defaults keep the layer profiled before
+these options existed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +39,16 @@ class CCAOptions(LayerOptions):
     channel_kernel_size: int = Field(2, ge=1, description="taps along time of the second conv: grouped per head, "
                                                           "mixing the channels within each q or k head")
     rope: bool = Field(True, description="RoPE on the normalised latent q and k (ZAYA1 applies it)")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
-    temperature_init: float = Field(1.0, description="initial learned key temperature (per kv head)")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (ZAYA1: 5e6)")
+    rope_fraction: float = Field(1.0, gt=0, le=1, description="share of head_dim RoPE rotates, the first "
+                                                              "channels, rounded down to an even width "
+                                                              "(ZAYA1: 0.5)")
+    value_shift: Literal["per_head", "whole_heads"] = Field(
+        "per_head", description="which value channels come from the previous token: the last dh//2 of every "
+                                "head (the paper) or the second half of the concatenated G*dh vector, so "
+                                "whole heads are current or delayed when G is even (ZAYA1)")
+    temperature_init: float = Field(1.0, description="initial learned key temperature (per kv head; ZAYA1: "
+                                                     "0, which attends uniformly until trained)")
 
 
 class CCGQAOptions(CCAOptions):
@@ -45,7 +59,7 @@ class CCGQAOptions(CCAOptions):
 @dataclass
 class CCAState:
     """Decode state: latent k, v [B, G, cap, dh] preallocated (slots 0..length-1 = positions), qk_tail
-    [B, Cqk, L] the last L pre-conv q|k projections (zeros before position 0), v_prev [B, G*(dh//2)] the
+    [B, Cqk, L] the last L pre-conv q|k projections (zeros before position 0), v_prev [B, Sv] the
     previous token's shifted-value projection (zeros before position 0), and `length` tokens seen."""
 
     k: torch.Tensor
@@ -69,13 +83,15 @@ class CompressedConvAttention(SequenceLayer):
        so it mixes the dh channels of a head) with `channel_kernel_size` taps; both with bias. q, k = conv + r.
     4. q, k L2-normalised to norm sqrt(dh), k times a learned per-kv-head temperature tau (init
        temperature_init = 1; HF zaya inits it to 0, which loaded checkpoints overwrite but which would make an
-       untrained layer attend uniformly), then RoPE (option rope) on the full head dim.
-    5. value shift: in every value head the first dh - dh//2 channels are W_vc x_t and the last dh//2 are
-       W_vp x_{t-1} (zeros at t = 0). (HF zaya splits the concatenated G*dh vector instead, so with G > 1 whole
-       heads are current or delayed; per-head halves is the paper's description and is chosen here.)
+       untrained layer attend uniformly), then RoPE (option rope, base rope_theta) on the first rope_fraction
+       of the head dim (the rest passes through; ZAYA1 rotates half with base 5e6).
+    5. value shift: value_shift per_head: in every value head the first dh - dh//2 channels are W_vc x_t and
+       the last dh//2 are W_vp x_{t-1} (zeros at t = 0), the paper's description; whole_heads: the
+       concatenated G*dh value vector is [W_vc x_t, W_vp x_{t-1}] with G*dh//2 delayed channels, as HF zaya
+       does, so with G even whole heads are current or delayed (with G = 1 both are the same).
     6. o = causal SDPA over the latent (scale 1/sqrt(dh), so logits are sqrt(dh) * tau * cos(q, k)), then
        W_o: Hl*dh -> D. No projection bias.
-    Decode caches the latent K and V (2*G*dh per token), the L-column conv tail and v_prev.
+    Decode caches the latent K and V (2*G*dh per token), the L-column conv tail and v_prev (Sv).
 
     Cost model (FLOPs and bytes; el bytes per element, S(T) = T(T+1)/2):
     - per token: proj = 2*D*(Hl+G)*dh + 2*D*G*dh + 2*Hl*dh*D; conv = 2*Cqk*kernel_size +
@@ -86,7 +102,7 @@ class CompressedConvAttention(SequenceLayer):
     - bwd: 3 * fwd (proj + conv) + 3.5 * attn; bytes 3 * fwd bytes (an estimate).
     - decode at context seq (n = seq + 1): flops = B*(proj + conv) + 4*B*Hl*dh*n;
             bytes = weights + 2*B*G*n*dh*el (K, V read) + 2*B*G*dh*el (written) + 2*B*Cqk*L*el (tail) +
-            2*B*G*(dh//2)*el (v_prev) + 2*B*D*el.
+            2*B*Sv*el (v_prev) + 2*B*D*el.
     """
 
     kind = "softmax"
@@ -107,13 +123,17 @@ class CompressedConvAttention(SequenceLayer):
                                    + ", ".join(map(str, _divisors(latent))))
         self.latent_heads, self.kv_heads = latent, kv
         dh = head_dim
-        self.shift_dim = dh // 2  # value channels taken from the previous token
+        self.shift_dim = dh // 2  # per_head: channels of each value head taken from the previous token
+        # Sv: channels of the concatenated G*dh value vector taken from the previous token
+        self.shifted_width = kv * self.shift_dim if opts.value_shift == "per_head" else kv * dh // 2
+        rotated = int(dh * opts.rope_fraction) if opts.rope else 0
+        self.rope_width = rotated - rotated % 2
         self.qk_channels = (latent + kv) * dh
         self.tail = (opts.kernel_size - 1) + (opts.channel_kernel_size - 1)
         self.q_proj = nn.Linear(d_model, latent * dh, bias=False)
         self.k_proj = nn.Linear(d_model, kv * dh, bias=False)
-        self.v_current = nn.Linear(d_model, kv * (dh - self.shift_dim), bias=False)
-        self.v_shifted = nn.Linear(d_model, kv * self.shift_dim, bias=False)
+        self.v_current = nn.Linear(d_model, kv * dh - self.shifted_width, bias=False)
+        self.v_shifted = nn.Linear(d_model, self.shifted_width, bias=False)
         c = self.qk_channels
         self.conv_time = nn.Conv1d(c, c, opts.kernel_size, groups=c)
         self.conv_head = nn.Conv1d(c, c, opts.channel_kernel_size, groups=latent + kv)
@@ -140,9 +160,9 @@ class CompressedConvAttention(SequenceLayer):
         q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))
         k = k * (scale / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * self.temperature.view(1, 1, G, 1)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if self.options.rope:
+        if self.rope_width:
             pos = torch.arange(start, start + T, device=x.device)
-            cos, sin = rope_cos_sin(pos, dh - dh % 2, self.options.rope_theta, q.dtype)
+            cos, sin = rope_cos_sin(pos, self.rope_width, self.options.rope_theta, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, seq[..., seq.shape[-1] - self.tail:]
 
@@ -172,19 +192,22 @@ class CompressedConvAttention(SequenceLayer):
         return out.reshape(B, c, n)
 
     def _v(self, x: torch.Tensor, v_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x[B, T, D] after the previous token's shifted projection v_prev[B, G*dh//2] -> v[B, G, T, dh] and
-        the new v_prev (of the last token)."""
+        """x[B, T, D] after the previous token's shifted projection v_prev[B, Sv] -> v[B, G, T, dh] and the
+        new v_prev (of the last token)."""
         B, T, _ = x.shape
         G, dh, s = self.kv_heads, self.head_dim, self.shift_dim
-        shifted = self.v_shifted(x)  # [B, T, G*s]
-        delayed = torch.cat([v_prev.unsqueeze(1), shifted[:, :-1]], dim=1).view(B, T, G, s)
-        v = torch.cat([self.v_current(x).view(B, T, G, dh - s), delayed], dim=-1)
+        shifted = self.v_shifted(x)  # [B, T, Sv]
+        delayed = torch.cat([v_prev.unsqueeze(1), shifted[:, :-1]], dim=1)
+        if self.options.value_shift == "per_head":
+            v = torch.cat([self.v_current(x).view(B, T, G, dh - s), delayed.view(B, T, G, s)], dim=-1)
+        else:
+            v = torch.cat([self.v_current(x), delayed], dim=-1).view(B, T, G, dh)
         return v.transpose(1, 2), shifted[:, -1]
 
     def _initial_state_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
         tail = x.new_zeros(B, self.qk_channels, self.tail)
-        return tail, x.new_zeros(B, self.kv_heads * self.shift_dim)
+        return tail, x.new_zeros(B, self.shifted_width)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         gqa = self.kv_heads < self.latent_heads
@@ -238,9 +261,9 @@ class CompressedConvAttention(SequenceLayer):
         return self._output(o), CCAState(k_cache, v_cache, tail.clone(), v_prev.clone(), pos + 1)
 
     def state_bytes(self, batch: int, seq: int) -> int:
-        """(2*batch*G*seq*dh + batch*Cqk*L + batch*G*(dh//2)) * el: latent K, V, conv tail, v_prev."""
+        """(2*batch*G*seq*dh + batch*Cqk*L + batch*Sv) * el: latent K, V, conv tail, v_prev."""
         G, dh = self.kv_heads, self.head_dim
-        elements = 2 * batch * G * seq * dh + batch * self.qk_channels * self.tail + batch * G * self.shift_dim
+        elements = 2 * batch * G * seq * dh + batch * (self.qk_channels * self.tail + self.shifted_width)
         return elements * self.element_size
 
     def probe_memory(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -278,7 +301,7 @@ class CompressedConvAttention(SequenceLayer):
             n = seq + 1
             flops = B * self._per_token_flops() + 4 * B * Hl * dh * n
             nbytes = (weights + 2 * B * G * n * dh * el + 2 * B * G * dh * el + 2 * B * c * self.tail * el
-                      + 2 * B * G * self.shift_dim * el + 2 * B * D * el)
+                      + 2 * B * self.shifted_width * el + 2 * B * D * el)
             return Cost(float(flops), float(nbytes))
         raise ValueError(f"unknown mode {mode!r}; allowed: fwd, bwd, decode")
 

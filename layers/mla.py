@@ -3,12 +3,17 @@ decoupled RoPE key shared by all heads; decode in absorbed form over a cache of 
 
 Shapes: B batch, T length, D d_model, H heads, dh head_dim (no-RoPE part of q/k and the value head dim),
 dc kv_latent, dr rope_dim, dq q_latent.
+
+DeepSeek-V2/V3 as they run (HF transformers `DeepseekV3Attention`, `DeepseekV2Attention`): latent_norm true,
+rope_layout interleaved, yarn_factor 40 with yarn_original_context 4096 (yarn_mscale and yarn_mscale_all_dim
+1.0 for V3, 0.707 for V2). The defaults keep the simpler layer profiled before these options existed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +23,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention_probe import softmax_read
 from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, cos_sin, deinterleave, rope_inv_freq, yarn_inv_freq, yarn_mscale
 
 # Smallest capacity a latent cache grows to when `step` runs past it.
 MIN_GROWN_CAPACITY = 16
+# DeepSeek-V2/V3's latent RMSNorm epsilon (their attention builds the norms with it, not with rms_norm_eps).
+LATENT_NORM_EPS = 1e-6
 
 
 class MLAOptions(LayerOptions):
@@ -31,6 +38,23 @@ class MLAOptions(LayerOptions):
     q_latent: int | None = Field(None, ge=1, description="d_q: queries through their own latent W_uq W_dq h "
                                                          "(DeepSeek-V2: 1536); None = direct projection")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    latent_norm: bool = Field(False, description="RMSNorm (learned scale, eps 1e-6) on the kv latent c "
+                                                 "before it is cached and on the query latent "
+                                                 "(DeepSeek-V2/V3: true)")
+    rope_layout: Literal["rotate_half", "interleaved"] = Field(
+        "rotate_half", description="RoPE channel pairs of q_rope and the RoPE key: (i, i + dr/2) or "
+                                   "(2i, 2i+1) (DeepSeek-V2/V3 checkpoints: interleaved)")
+    yarn_factor: float | None = Field(None, ge=1, description="YaRN context-extension factor s of the "
+                                                              "RoPE frequencies (DeepSeek-V2/V3: 40); "
+                                                              "None = plain RoPE")
+    yarn_original_context: int = Field(4096, ge=1, description="YaRN: context length the model was "
+                                                               "pretrained at (DeepSeek-V2/V3: 4096)")
+    yarn_mscale: float = Field(1.0, ge=0, description="YaRN: RoPE cos/sin times m(s, yarn_mscale) / "
+                                                      "m(s, yarn_mscale_all_dim), m(s, a) = 0.1 a ln s + 1 "
+                                                      "(DeepSeek-V3: 1.0, V2: 0.707)")
+    yarn_mscale_all_dim: float = Field(1.0, ge=0, description="YaRN: softmax scale times m(s, "
+                                                              "yarn_mscale_all_dim)^2 (DeepSeek-V3: 1.0, "
+                                                              "V2: 0.707)")
 
 
 @dataclass
@@ -49,8 +73,12 @@ class MultiHeadLatentAttention(SequenceLayer):
 
     Per token h[D]: [c, k_r] = W_dkv h (dc + dr, one projection), k_h = [W_uk,h c, rope(k_r)],
     v_h = W_uv,h c, q_h = [q_nope_h, rope(q_rope_h)] from W_q h (or W_uq W_dq h with q_latent);
-    o = W_o [softmax(q_h k_h^T / sqrt(dh + dr) + causal) v_h]_h. No bias and no latent RMSNorms (DeepSeek-V2
-    has them; they are per-token and change neither the cache size nor the decode algebra).
+    o = W_o [softmax(q_h k_h^T / sqrt(dh + dr) + causal) v_h]_h. No bias. With latent_norm, c (before it is
+    cached) and the query latent W_dq h pass an RMSNorm, as in DeepSeek-V2/V3; per token, they change neither
+    the cache size nor the decode algebra. rope_layout interleaved de-interleaves q_rope and k_r before a
+    rotate-half RoPE (the same rotation as DeepSeek's interleaved pairs). With yarn_factor s, the RoPE
+    frequencies are YaRN's (rope.yarn_inv_freq), cos/sin are scaled by m(s, yarn_mscale) / m(s,
+    yarn_mscale_all_dim) and the softmax scale by m(s, yarn_mscale_all_dim)^2 (DeepSeek's mscale).
 
     Prefill/forward (non-absorbed): q, k [B, H, T, dh + dr], v [B, H, T, dh] through SDPA. The qk head dim
     differs from the v head dim: torch's flash backend needs them equal, so on CUDA fp16/bf16 v is zero-padded
@@ -65,9 +93,11 @@ class MultiHeadLatentAttention(SequenceLayer):
     Cost model (FLOPs and bytes; el bytes per element, Wq = H*(dh+dr), S(T) = T(T+1)/2 causal pairs):
     - projections per token: q: 2*D*Wq (or 2*D*dq + 2*dq*Wq), kv down: 2*D*(dc+dr), forward-only up
       projections k, v: 4*dc*H*dh, output: 2*H*dh*D.
+      RMSNorms and RoPE are O(dc + dq + H*dr) per token and left out.
     - fwd:  flops = B*T*proj + attn, attn = 2*B*H*S(T)*(dh+dr) + 2*B*H*S(T)*dh (QK^T and PV);
             bytes = weights + 2*B*T*D*el + 2*B*T*el*(2*Wq + 2*H*dh + dc + dr) (q, k, v, o and the latent
-            written once and read once).
+            written once and read once) + 2*B*T*el*(dc + dq) with latent_norm (the normed latents; dq = 0
+            without q_latent).
     - bwd: 3 * fwd projection flops + 3.5 * attn; bytes 3 * fwd bytes (an estimate).
     - decode at context seq (n = seq + 1 keys): flops = B*(q proj + 2*D*(dc+dr) + 4*H*dh*dc (absorb in and
             out) + 2*H*dh*D) + 2*B*H*n*(dc+dr) + 2*B*H*n*dc;
@@ -90,13 +120,23 @@ class MultiHeadLatentAttention(SequenceLayer):
         if opts.q_latent is None:
             self.q_proj = nn.Linear(d_model, q_width, bias=False)
         else:
-            self.q_proj = nn.Sequential(nn.Linear(d_model, opts.q_latent, bias=False),
+            q_norm = [nn.RMSNorm(opts.q_latent, eps=LATENT_NORM_EPS)] if opts.latent_norm else []
+            self.q_proj = nn.Sequential(nn.Linear(d_model, opts.q_latent, bias=False), *q_norm,
                                         nn.Linear(opts.q_latent, q_width, bias=False))
         self.kv_down = nn.Linear(d_model, dc + dr, bias=False)  # [c, k_rope]
+        self.kv_norm = nn.RMSNorm(dc, eps=LATENT_NORM_EPS) if opts.latent_norm else None
         self.k_up = nn.Linear(dc, H * dh, bias=False)
         self.v_up = nn.Linear(dc, H * dh, bias=False)
         self.o_proj = nn.Linear(H * dh, d_model, bias=False)
         self.scale = 1.0 / math.sqrt(dh + dr)
+        self.rope_scale = 1.0  # cos, sin multiplier
+        if opts.yarn_factor is None:
+            self._inv_freq = rope_inv_freq(dr, opts.rope_theta)
+        else:
+            s = opts.yarn_factor
+            self._inv_freq = yarn_inv_freq(dr, opts.rope_theta, s, opts.yarn_original_context)
+            self.rope_scale = yarn_mscale(s, opts.yarn_mscale) / yarn_mscale(s, opts.yarn_mscale_all_dim)
+            self.scale *= yarn_mscale(s, opts.yarn_mscale_all_dim) ** 2
         self._impl: str | None = None
         self._flash_failed = False
 
@@ -112,14 +152,21 @@ class MultiHeadLatentAttention(SequenceLayer):
         """x[B, T, D] -> ckv[B, T, dc + dr]: the latent c and the rotated shared RoPE key, as cached."""
         ckv = self.kv_down(x)
         c, k_rope = ckv.split([self.kv_latent, self.rope_dim], dim=-1)
+        if self.kv_norm is not None:
+            c = self.kv_norm(c)
         return torch.cat([c, self._rotate(k_rope, start)], dim=-1)
 
     def _rotate(self, t: torch.Tensor, start: int) -> torch.Tensor:
-        """RoPE on t[..., T, dr] for positions start..start+T-1."""
+        """RoPE on t[..., T, dr] for positions start..start+T-1 (interleaved pairs come out in rotate-half
+        order, for q and k alike)."""
         if self.rope_dim == 0:
             return t
+        if self._inv_freq.device != t.device:  # moved once: the frequencies stay float64 whatever the dtype
+            self._inv_freq = self._inv_freq.to(t.device)
         pos = torch.arange(start, start + t.shape[-2], device=t.device)
-        cos, sin = rope_cos_sin(pos, self.rope_dim, self.options.rope_theta, t.dtype)
+        cos, sin = cos_sin(pos, self._inv_freq, t.dtype, self.rope_scale)
+        if self.options.rope_layout == "interleaved":
+            t = deinterleave(t)
         return apply_rope(t, cos, sin)
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
@@ -233,6 +280,8 @@ class MultiHeadLatentAttention(SequenceLayer):
             proj = B * T * (self._q_proj_flops() + 2 * D * (dc + dr) + 4 * dc * H * dh + 2 * H * dh * D)
             attn = 2 * B * H * pairs * (dh + dr) + 2 * B * H * pairs * dh
             io_bytes = weights + 2 * B * T * D * el + 2 * B * T * el * (2 * wq + 2 * H * dh + dc + dr)
+            if self.options.latent_norm:
+                io_bytes += 2 * B * T * el * (dc + (self.options.q_latent or 0))
             if mode == "fwd":
                 return Cost(float(proj + attn), float(io_bytes))
             return Cost(float(3 * proj + 3.5 * attn), float(3 * io_bytes))

@@ -1,7 +1,9 @@
-"""Softmax-family rivals (issue 5): MLA, CCA / CCGQA and Bank of Values. Decode against forward in float64 and
-float32, repeated steps, state bytes against the live state tensors, gradients, MLA absorbed decode against
-non-absorbed attention, the CCA conv tail and value shift across the prefill/step boundary, Bank of Values ids
-and table, the memory probe, option errors, cost model and one CLI sweep."""
+"""Softmax-family rivals (issue 5): MLA, CCA / CCGQA and Bank of Values, with the options of issue 22 that
+make them run as DeepSeek and ZAYA1 do (held against transformers in test_peers_transformers.py). Decode
+against forward in float64 and float32, repeated steps, state bytes against the live state tensors,
+gradients, MLA absorbed decode against non-absorbed attention, the CCA conv tail and value shift across the
+prefill/step boundary, Bank of Values ids and table, the memory probe, option errors, cost model and one CLI
+sweep."""
 
 from __future__ import annotations
 
@@ -32,10 +34,16 @@ CONFIGS = {
     "mla": (MultiHeadLatentAttention, {"kv_latent": DC, "rope_dim": DR}),
     "mla_qlatent": (MultiHeadLatentAttention, {"kv_latent": DC, "rope_dim": DR, "q_latent": 10}),
     "mla_norope": (MultiHeadLatentAttention, {"kv_latent": 6, "rope_dim": 0}),
+    "mla_deepseek": (MultiHeadLatentAttention, {"kv_latent": DC, "rope_dim": DR, "q_latent": 10,
+                                                "latent_norm": True, "rope_layout": "interleaved",
+                                                "yarn_factor": 40.0}),
     "cca": (CompressedConvAttention, {}),
     "cca_k3": (CompressedConvAttention, {"kernel_size": 3, "channel_kernel_size": 3}),
     "ccgqa": (CompressedConvGQA, {"compression": 1}),  # 4 latent query heads share 2 kv heads
     "ccgqa_mqa_norope": (CompressedConvGQA, {"compression": 1, "kv_heads": 1, "rope": False}),
+    "cca_zaya1": (CompressedConvGQA, {"compression": 1, "kv_heads": 2, "rope_fraction": 0.5,
+                                      "rope_theta": 5e6, "value_shift": "whole_heads",
+                                      "temperature_init": 0.0}),
     "bov": (BankOfValues, {"vocab_size": 50}),
     "bov_gqa": (BankOfValues, {"vocab_size": 50, "kv_heads": 2}),
 }
@@ -76,29 +84,55 @@ def causal_softmax(q, k, v, scale):
     return ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, -math.inf).softmax(-1) @ v
 
 
-def rope(t, theta=10000.0):
-    """RoPE on t[..., T, d] at positions 0..T-1, pairs (i, i + d/2), written out with sin/cos of each pair."""
+def rope(t, theta=10000.0, inv=None, interleaved=False):
+    """RoPE on t[..., T, d] at positions 0..T-1, pairs (i, i + d/2) or (2i, 2i + 1) (interleaved, left in that
+    layout), written out with sin/cos of each pair; frequencies theta^(-2i/d) unless given (inv[d/2])."""
     T, d = t.shape[-2], t.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if inv is None:
+        inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    if interleaved:
+        a, b = t[..., 0::2], t[..., 1::2]
+        return torch.stack([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], dim=-1).flatten(-2)
     a, b = t[..., : d // 2], t[..., d // 2:]
     return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], dim=-1)
 
 
+def rms_norm(t, weight, eps=1e-6):
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
 def naive_mla(layer, x):
+    """MLA by its formula; with the DeepSeek options: latent RMSNorms, interleaved pairs, YaRN frequencies
+    (the layer's, checked against transformers in test_peers_transformers.py), mscale^2 on the softmax
+    scale."""
+    opts = layer.options
     Bx, T, _ = x.shape
-    q = layer.q_proj(x).view(Bx, T, H, DH + layer.rope_dim).transpose(1, 2)
+    if opts.q_latent is None:
+        q = layer.q_proj(x)
+    else:
+        q_lat = layer.q_proj[0](x)
+        q = layer.q_proj[-1](rms_norm(q_lat, layer.q_proj[1].weight) if opts.latent_norm else q_lat)
+    q = q.view(Bx, T, H, DH + layer.rope_dim).transpose(1, 2)
     c, k_r = layer.kv_down(x).split([layer.kv_latent, layer.rope_dim], dim=-1)
+    if opts.latent_norm:
+        c = rms_norm(c, layer.kv_norm.weight)
     k_nope = layer.k_up(c).view(Bx, T, H, DH).transpose(1, 2)
-    k_r = rope(k_r).unsqueeze(1).expand(Bx, H, T, layer.rope_dim)
-    q = torch.cat([q[..., :DH], rope(q[..., DH:])], dim=-1)
+    inv = None if opts.yarn_factor is None else layer._inv_freq
+    interleaved = opts.rope_layout == "interleaved"
+    k_r = rope(k_r, inv=inv, interleaved=interleaved).unsqueeze(1).expand(Bx, H, T, layer.rope_dim)
+    q = torch.cat([q[..., :DH], rope(q[..., DH:], inv=inv, interleaved=interleaved)], dim=-1)
     v = layer.v_up(c).view(Bx, T, H, DH).transpose(1, 2)
-    o = causal_softmax(q, torch.cat([k_nope, k_r], dim=-1), v, 1 / math.sqrt(DH + layer.rope_dim))
+    scale = 1 / math.sqrt(DH + layer.rope_dim)
+    if opts.yarn_factor is not None:  # yarn_mscale = yarn_mscale_all_dim: cos/sin unscaled
+        scale *= (0.1 * opts.yarn_mscale_all_dim * math.log(opts.yarn_factor) + 1) ** 2
+    o = causal_softmax(q, torch.cat([k_nope, k_r], dim=-1), v, scale)
     return layer.o_proj(o.transpose(1, 2).reshape(Bx, T, H * DH))
 
 
 def naive_cca(layer, x):
-    """CCA by its recipe with torch's own Conv1d modules (left zero padding) and per-head value halves."""
+    """CCA by its recipe with torch's own Conv1d modules (left zero padding), RoPE on the first rope_fraction
+    of each head and per-head value halves (value_shift per_head) or halves of the whole value vector."""
     Bx, T, _ = x.shape
     Hl, G, s = layer.latent_heads, layer.kv_heads, layer.shift_dim
     q_raw, k_raw = layer.q_proj(x), layer.k_proj(x)
@@ -113,10 +147,18 @@ def naive_cca(layer, x):
     k = F.normalize(k, dim=-1) * math.sqrt(DH) * layer.temperature.view(1, 1, G, 1)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if layer.options.rope:
-        q, k = rope(q), rope(k)
-    v = torch.zeros(Bx, T, G, DH, dtype=x.dtype)
-    v[..., : DH - s] = layer.v_current(x).view(Bx, T, G, DH - s)
-    v[:, 1:, :, DH - s:] = layer.v_shifted(x[:, :-1]).view(Bx, T - 1, G, s)  # previous token, zeros at t = 0
+        r, theta = int(DH * layer.options.rope_fraction), layer.options.rope_theta
+        q = torch.cat([rope(q[..., :r], theta), q[..., r:]], dim=-1)
+        k = torch.cat([rope(k[..., :r], theta), k[..., r:]], dim=-1)
+    if layer.options.value_shift == "per_head":
+        v = torch.zeros(Bx, T, G, DH, dtype=x.dtype)
+        v[..., : DH - s] = layer.v_current(x).view(Bx, T, G, DH - s)
+        v[:, 1:, :, DH - s:] = layer.v_shifted(x[:, :-1]).view(Bx, T - 1, G, s)  # token t-1, zeros at t = 0
+    else:
+        v = torch.zeros(Bx, T, G * DH, dtype=x.dtype)
+        v[..., : G * DH // 2] = layer.v_current(x)
+        v[:, 1:, G * DH // 2:] = layer.v_shifted(x[:, :-1])
+        v = v.view(Bx, T, G, DH)
     rep = Hl // G
     o = causal_softmax(q, k.repeat_interleave(rep, dim=1), v.transpose(1, 2).repeat_interleave(rep, dim=1),
                        1 / math.sqrt(DH))
