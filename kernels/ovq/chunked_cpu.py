@@ -30,9 +30,9 @@ from ovqprof.phases import phase
 from .config import OVQConfig, spawn_count
 from .reference import (
     OVQState,
-    _pad_slots,
     centroid_keys,
     choose_spawn,
+    chunk_loop,
     dictionary_read,
     empty_state,
     tail_buffer,
@@ -109,8 +109,7 @@ def _write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.T
     """reference.write for `lr: adaptive`, differentiable, with every slot's update as one flat index_add_:
     the new slots start at zero, every token (spawners included) is added to its slot, and the running mean is
     M' = (M c + sum) / c' (for a spawned slot, M = 0 and c = 0: the mean of its tokens)."""
-    n, m = spawn_count(cfg, chunk_index)
-    B, H, L, _ = k.shape
+    m = spawn_count(cfg, chunk_index)[1]
     dict_k = centroid_keys(keys, cfg)
     with phase("assign and spawn"):
         z = _slots(k.detach(), dict_k.detach(), m, cfg, chunk_index)
@@ -166,9 +165,8 @@ class _InPlaceDictionary:
         """Merge one full chunk k [B, H, L, dk], v [B, H, L, dv] (`value_update: mean`)."""
         cfg, n = self.cfg, self.n
         m = spawn_count(cfg, chunk_index)[1]
-        B, H, L, dk = k.shape
         with phase("assign and spawn"):
-            z = _slots(k, self.keys[:, :, :n, :dk], m, cfg, chunk_index)
+            z = _slots(k, self.keys[:, :, :n, :self.dk], m, cfg, chunk_index)
         with phase("merge"):
             self._merge(k, v, z, n + m)
 
@@ -216,29 +214,16 @@ def ovq_chunked_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     sequence (floor(T / L) chunks written, T mod L tokens buffered), with the autograd graph."""
     if cfg.lr != "adaptive":
         raise ValueError("the fast path runs lr: adaptive; use reference.ovq_chunked for lr: constant")
-    B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    L, N = cfg.chunk_size, cfg.dict_size
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
     if not grad and cfg.value_update == "mean":
         return _chunked_in_place(q, k, v, beta, cfg)
-    st = empty_state(B, H, dk, dv, cfg, dtype=q.dtype, device=q.device)
-    keys, values, counts = st.keys[:, :, :0], st.values[:, :, :0], st.counts[:, :, :0]
-    outs = []
-    for start in range(0, T, L):
-        end = min(start + L, T)
-        if not cfg.grad_through_state:
-            keys, values, counts = keys.detach(), values.detach(), counts.detach()
-        qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-        with phase("read"):
-            outs.append(_read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
-        if end - start == L:
-            keys, values, counts = _write(kc, vc, keys, values, counts, cfg, start // L, beta)
-    o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
-    buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
-    state = OVQState(_pad_slots(keys, N), _pad_slots(values, N), _pad_slots(counts, N), keys.shape[2],
-                     T - tail, buf_k, buf_v, tail)
-    return o, state
+    B, H, _, dk = q.shape
+    state = empty_state(B, H, dk, v.shape[-1], cfg, dtype=q.dtype, device=q.device)
+
+    def write_chunk(kc, vc, keys, values, counts, chunk_index):
+        return _write(kc, vc, keys, values, counts, cfg, chunk_index, beta)
+
+    return chunk_loop(q, k, v, beta, cfg, state, _read, write_chunk)
 
 
 @torch.no_grad()

@@ -256,12 +256,28 @@ def ovq_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     The returned state keeps the autograd graph; detach it for decode.
     """
     B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    L, N = cfg.chunk_size, cfg.dict_size
     if state is None:
-        state = empty_state(B, H, dk, dv, cfg, dtype=q.dtype, device=q.device)
+        state = empty_state(B, H, dk, v.shape[-1], cfg, dtype=q.dtype, device=q.device)
     if state.buf_len:
         raise ValueError("ovq_chunked continues only from a state with an empty buffer (written % L == 0)")
+
+    def write_chunk(kc, vc, keys, values, counts, chunk_index):
+        with phase("write"):
+            return write(kc, vc, keys, values, counts, cfg, chunk_index, beta)[:3]
+
+    return chunk_loop(q, k, v, beta, cfg, state, read, write_chunk)
+
+
+def chunk_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,
+               state: OVQState, read_chunk, write_chunk) -> tuple[torch.Tensor, OVQState]:
+    """The chunked forward's loop, shared by the reference and the fast CPU core (chunked_cpu.py): every
+    chunk is read against the dictionary written before it, with `read_chunk(q, k, v, beta, D_k, D_v, counts,
+    count_bias)` (as `read`), and every full chunk is then written with `write_chunk(k, v, keys, values,
+    counts, chunk_index) -> (keys, values, counts)`. Starts from `state` (empty buffer); returns o [B, H, T, dv]
+    and the state after the sequence, the last T mod L tokens buffered, with the autograd graph."""
+    B, H, T, _ = q.shape
+    dv = v.shape[-1]
+    L, N = cfg.chunk_size, cfg.dict_size
     n = state.active
     keys, values, counts = state.keys[:, :, :n], state.values[:, :, :n], state.counts[:, :, :n]
     written = state.written
@@ -272,10 +288,9 @@ def ovq_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
             keys, values, counts = keys.detach(), values.detach(), counts.detach()
         qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
         with phase("read"):
-            outs.append(read(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
+            outs.append(read_chunk(qc, kc, vc, beta, centroid_keys(keys, cfg), values, counts, cfg.count_bias))
         if end - start == L:
-            with phase("write"):
-                keys, values, counts, _ = write(kc, vc, keys, values, counts, cfg, written // L, beta)
+            keys, values, counts = write_chunk(kc, vc, keys, values, counts, written // L)
             written += L
     o = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, dv)
     buf_k, buf_v, tail = tail_buffer(k, v, L, q.dtype)
