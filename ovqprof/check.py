@@ -401,11 +401,6 @@ class CheckOptions:
     quiet: bool = False  # no progress lines or bar on stderr
 
 
-def _budget_s(spec) -> float:
-    """A cell's timing budget in seconds (warm-up plus repetitions), the ETA before any cell finished."""
-    return (spec.sweep.warmup_ms + spec.sweep.rep_ms) / 1e3
-
-
 def _profile_runner(opts: CheckOptions, base_header: dict, names: set[str], notes: list[str]):
     """A SpecRunner for the profile on this machine, after checking that this machine and the profile's
     layers match the baseline."""
@@ -473,17 +468,11 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
             notes.append(f"{len(unknown)} cell(s) not measured: layer(s) "
                          f"{', '.join(sorted({k[0] for k in unknown}))} not in {runner.spec.file}")
         log(f"measuring {len(cells)} cell(s) with {runner.spec.file} on {runner.header.get('device')}")
-        from ovqprof.progress import CellProgress, cell_label, row_result
+        from ovqprof.progress import CellProgress, cell_budget_s
 
-        labels: list[str] = []
         try:
-            with CellProgress(len(cells), quiet=opts.quiet, budget_s=_budget_s(runner.spec)) as progress:
-                def on_start(cell) -> None:
-                    labels.append(cell_label(cell))
-                    progress.start(labels[-1])
-
-                return runner.measure(cells, on_start=on_start,
-                                      on_row=lambda row: progress.done(labels[-1], row_result(row)))
+            with CellProgress(len(cells), quiet=opts.quiet, budget_s=cell_budget_s(runner.spec)) as progress:
+                return runner.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
         except OSError as exc:  # a worker process that cannot start, a vanished device node
             raise InfrastructureError(f"cannot run the measurement ({exc.strerror or exc}); "
                                       f"{len(cells)} cell(s) were to be measured") from None

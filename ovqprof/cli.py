@@ -25,7 +25,7 @@ from ovqprof.output import (
     run_header_lines,
     select_columns,
 )
-from ovqprof.progress import CellProgress, cell_label, row_result
+from ovqprof.progress import CellProgress, cell_budget_s
 from ovqprof.rows import FAILED_STATUSES, MODES, STATUSES
 
 app = typer.Typer(
@@ -126,11 +126,6 @@ def _default_profile() -> tuple[str, str]:
     return "quick", "no GPU is visible"
 
 
-def _cell_budget_s(spec) -> float:
-    """A cell's timing budget (warm-up plus repetitions) in seconds: the ETA before any cell finished."""
-    return (spec.sweep.warmup_ms + spec.sweep.rep_ms) / 1e3
-
-
 def _resume_command(output: Path) -> str:
     """This command line with --output/--resume replaced by `--resume output`."""
     args, skip = [], False
@@ -227,22 +222,17 @@ def sweep(
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
     rows: list[dict] = []
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=_cell_budget_s(spec))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec))
     progress.header(run_header_lines(header))
     try:
         with writer, progress:
             def on_row(row: dict) -> None:
                 writer.write(row)
                 rows.append(row)
-                progress.done(cell_label(cells_started[-1]), row_result(row))
+                progress.row_finished(row)
 
-            cells_started: list = []
-
-            def on_start(cell) -> None:
-                cells_started.append(cell)
-                progress.start(cell_label(cell))
-
-            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout, on_start=on_start)
+            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
+                      on_start=progress.cell_started)
     except KeyboardInterrupt:
         if output is None:
             how = "Write rows to a file with --output FILE to be able to resume."
@@ -412,18 +402,11 @@ def baseline_cmd(
                         roofline=roofline)
     cells = plan_cells(spec)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=_cell_budget_s(spec))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec))
     progress.header(run_header_lines(header))
-    started: list = []
-
-    def on_start(cell) -> None:
-        started.append(cell)
-        progress.start(cell_label(cell))
-
     try:
         with progress:
-            rows = runner.measure(cells, on_start=on_start,
-                                  on_row=lambda row: progress.done(cell_label(started[-1]), row_result(row)))
+            rows = runner.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: no baseline written to {output}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -559,18 +542,11 @@ def check_trace_dir(path: Path) -> None:
 
 
 def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:
-    """Trace every planned cell of `spec`; a cell the layer cannot run is a usage error naming it."""
+    """Trace every planned cell of `spec` (a cell the layer cannot run is trace_cell's UsageError)."""
     from ovqprof.sweep import plan_cells
     from ovqprof.trace import trace_cell
 
-    breakdowns = []
-    for cell in plan_cells(spec):
-        try:
-            breakdowns.append(trace_cell(cell, device, out_dir, reps))
-        except ValueError as exc:
-            raise UsageError(f"cannot trace {cell.layer.name} {cell.mode} at T={cell.seq}: {exc}. Allowed: "
-                             "a mode the layer runs (see `ovqprof layers`)") from None
-    return breakdowns
+    return [trace_cell(cell, device, out_dir, reps) for cell in plan_cells(spec)]
 
 
 @app.command()

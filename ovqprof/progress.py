@@ -29,6 +29,7 @@ class CellProgress:
         self.total, self.quiet, self.budget_s, self.what = total, quiet, budget_s, what
         self.stream = stream or sys.stderr
         self.finished = 0
+        self.current = ""  # the label of the cell running now
         self.t0 = time.perf_counter()
         self.bar = None
         if not quiet and self.stream.isatty():
@@ -70,10 +71,13 @@ class CellProgress:
         return None if self.budget_s is None else self.budget_s * left
 
     def start(self, label: str) -> None:
+        self.current = label
         if self.bar is not None:
             self.bar.update(self.task, description=label)
 
-    def done(self, label: str, result: str = "") -> None:
+    def done(self, label: str | None = None, result: str = "") -> None:
+        """A cell finished: `label` (default: the one last started) and its outcome in a few words."""
+        label = self.current if label is None else label
         self.finished += 1
         if self.bar is not None:
             self.bar.advance(self.task)
@@ -87,6 +91,15 @@ class CellProgress:
         self.stream.flush()
 
 
+    def cell_started(self, cell) -> None:
+        """`start` for an ovqprof.cell.Cell (a sweep's on_start)."""
+        self.start(cell_label(cell))
+
+    def row_finished(self, row: dict) -> None:
+        """`done` for the sweep row of the cell last started (a sweep's on_row)."""
+        self.done(result=row_result(row))
+
+
 def cell_label(cell) -> str:
     """`layer mode T=seq B=batch` of an ovqprof.cell.Cell."""
     return f"{cell.layer.name} {cell.mode} T={cell.seq} B={cell.batch}"
@@ -96,3 +109,8 @@ def row_result(row: dict) -> str:
     """A sweep row's outcome in a few words: status and median ms."""
     ms = row.get("ms_median")
     return f"{row['status']}" + (f" {ms:.3g} ms" if isinstance(ms, (int, float)) else "")
+
+
+def cell_budget_s(spec) -> float:
+    """A spec's timing budget per cell in seconds (warm-up plus repetitions): the ETA before any cell ends."""
+    return (spec.sweep.warmup_ms + spec.sweep.rep_ms) / 1e3

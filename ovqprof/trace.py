@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ovqprof.cell import Cell, build_cell_layer
+from ovqprof.errors import UsageError
 from ovqprof.phases import PREFIX, tracing
 
 WARMUP_CALLS = 2
@@ -107,11 +108,13 @@ def _cell_call(layer, cell: Cell, device: torch.device):
 
 def trace_cell(cell: Cell, device: str, out_dir: Path, reps: int = 3) -> Breakdown:
     """Trace `reps` calls of `cell` on `device` into out_dir/<stem>.json.gz and return its breakdown (also
-    written to out_dir/<stem>.breakdown.json). Raises what the layer raises (the caller reports it)."""
+    written to out_dir/<stem>.breakdown.json). UsageError for a mode the layer cannot run; otherwise raises
+    what the layer raises (the caller reports it)."""
     dev = torch.device(device)
     layer = build_cell_layer(cell.layer, dev)
     if cell.mode == "decode" and not layer.supports_decode:
-        raise ValueError(f"layer {cell.layer.name!r} ({cell.layer.type}) has no decode path")
+        raise UsageError(f"cannot trace {cell.layer.name} decode at T={cell.seq}: layer {cell.layer.name!r} "
+                         f"({cell.layer.type}) has no decode path. Allowed: a mode the layer runs (fwd, bwd)")
     call = _cell_call(layer, cell, dev)
     cuda = dev.type == "cuda"
     for _ in range(WARMUP_CALLS):

@@ -7,7 +7,6 @@ the summary) is here.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from ovqprof.capacity.rows import (
 )
 from ovqprof.capacity.settings import KEY_KINDS, PAIRS_FORMS, ProbeSettings
 from ovqprof.errors import SpecError, UsageError
-from ovqprof.output import RowWriter, check_output_writable, json_document, write_atomic
+from ovqprof.output import RowWriter, check_output_writable
 from ovqprof.ranges import RangeError, parse_seq_range
 from ovqprof.resume import read_rows
 from ovqprof.spec import Spec, profile_label
@@ -212,13 +211,9 @@ def resume_rows(path: Path, method: str) -> tuple[list[dict], frozenset]:
     cut = {r["layer"] for r in rows if r["note"] == INTERRUPTED_NOTE}
     kept = [r for r in rows if r["layer"] not in cut]
     if len(kept) != len(rows):  # rewrite the file without the partial layer before appending to it
-        if fmt == "json":
-            write_atomic(path, json_document(header or {}, kept))
-        else:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(COLUMNS), lineterminator="\n")
-                writer.writeheader()
-                writer.writerows({c: "" if r[c] is None else r[c] for c in COLUMNS} for r in kept)
+        with RowWriter(fmt, path, header or {}, layout=layout()) as writer:
+            for row in kept:
+                writer.write(row)
     return kept, frozenset(r["layer"] for r in kept)
 
 

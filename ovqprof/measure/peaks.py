@@ -9,6 +9,7 @@ moves between runs, and a row measured above the peak by more than that spread i
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,10 +38,8 @@ ROUNDS = 3
 
 
 def _median_and_spread(values: list[float]) -> tuple[float, float]:
-    values = sorted(values)
-    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] +
-                                                                values[len(values) // 2]) / 2
-    return median, (values[-1] - values[0]) / median
+    median = statistics.median(values)
+    return median, (max(values) - min(values)) / median
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, rounds: int = ROUNDS) -> Peaks:
