@@ -81,13 +81,7 @@ DEEPSEEK_V3 = {"latent_norm": True, "rope_layout": "interleaved", "yarn_factor":
 DEEPSEEK_V2 = {**DEEPSEEK_V3, "yarn_mscale": 0.707, "yarn_mscale_all_dim": 0.707}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on shared cores (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def rand_x(dtype=torch.float64, d_model=D, length=T):
