@@ -15,7 +15,12 @@ So a change counts only when it passes a relative threshold (asv's factor), the 
 rule) and a floor that keeps the jitter of microsecond kernels from counting (xformers' rule). The other
 verdicts: `failed` (ok in the baseline, not ok now: error, oom, check_failed, timeout, skipped), `missing`
 (ok in the baseline, absent now), `new` (only in the current run), `not compared` (not ok in the baseline).
-`regressed` and `failed` cells are re-measured once before they count, when a profile to measure with is given.
+`regressed` and `failed` cells are re-measured before they count, when a profile to measure with is given:
+up to `repeats` more runs (default 3 on a CPU, whose cells move by more than the threshold between runs on a
+shared machine, and 1 on a GPU), all flagged cells in turn each round, so a burst of load hits them alike. A
+cell fails only when every run agrees; one whose runs disagree is `noisy` (its run-to-run spread exceeds the
+change, so it cannot be gated honestly): reported with every run's time, and not failing the check unless
+`fail_on_noisy`.
 
 Exit codes (the CLI's): 0 pass, 1 regressed or failed cells (or missing ones with `fail_on_missing`), 2 usage
 or a corrupt file, 3 a baseline from another device or with incompatible versions, 4 infrastructure.
@@ -39,10 +44,13 @@ from ovqprof.rows import cell_key
 
 EXIT_PASS, EXIT_REGRESSION = 0, 1
 DEFAULT_THRESHOLD = 0.10
+# Re-measurements of a flagged cell on a CPU: on a shared 2-core machine a cell moved by up to 1.7x between
+# two sweeps of unchanged code, so one re-run would often confirm noise.
+CPU_REPEATS = 3
 DEFAULT_MIN_DELTA_MS = 0.005  # 5 us: below this, launch and clock jitter dominate a GPU kernel's time
 
 # Report order: what fails first.
-VERDICTS = ("regressed", "failed", "missing", "improved", "unchanged", "new", "not compared")
+VERDICTS = ("regressed", "failed", "missing", "noisy", "improved", "unchanged", "new", "not compared")
 FAILING_VERDICTS = frozenset({"regressed", "failed"})
 RECORD_HINT = "`ovqprof baseline` or `ovqprof sweep --format json --output FILE`"
 
@@ -294,43 +302,98 @@ class CheckReport:
     results: list[CellResult]
     notes: list[str] = field(default_factory=list)
     fail_on_missing: bool = False
+    fail_on_noisy: bool = False
 
     def counts(self) -> dict[str, int]:
         return {v: sum(r.verdict == v for r in self.results) for v in VERDICTS}
 
     @property
     def exit_code(self) -> int:
-        failing = FAILING_VERDICTS | ({"missing"} if self.fail_on_missing else set())
+        failing = FAILING_VERDICTS | ({"missing"} if self.fail_on_missing else set()) | (
+            {"noisy"} if self.fail_on_noisy else set())
         return EXIT_REGRESSION if any(r.verdict in failing for r in self.results) else EXIT_PASS
 
     def summary(self) -> str:
         counts = ", ".join(f"{n} {v}" for v, n in self.counts().items() if n) or "no cells"
-        return f"{'FAIL' if self.exit_code else 'PASS'}: {counts}"
+        text = f"{'FAIL' if self.exit_code else 'PASS'}: {counts}"
+        if self.counts()["noisy"] and not self.fail_on_noisy:
+            text += " (noisy cells are not gated: runs disagreed)"
+        return text
 
 
 def run_check(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds, *,
-              remeasure: Callable[[list[tuple]], list[dict]] | None = None, fail_on_missing: bool = False,
+              remeasure: Callable[[list[tuple]], list[dict]] | None = None, repeats: int = 1,
+              fail_on_missing: bool = False, fail_on_noisy: bool = False,
               notes: list[str] | None = None) -> tuple[CheckReport, list[dict]]:
-    """Compare; re-measure the flagged cells once with `remeasure(keys) -> rows` (when given) and judge them on
-    the new rows. Returns the report and the current rows with re-measured ones replaced."""
+    """Compare; re-measure the flagged cells with `remeasure(keys) -> rows` (when given) up to `repeats` times,
+    all of them in turn each round, and judge them on every measurement (`confirm`). Returns the report and
+    the current rows with re-measured ones replaced (by the cell's median run)."""
     results = compare(base_rows, cur_rows, thresholds)
     check_dtypes(results)
     notes = notes if notes is not None else []
-    flagged = [r for r in results if r.verdict in FAILING_VERDICTS]
+    flagged = {r.key: r for r in results if r.verdict in FAILING_VERDICTS}
     if flagged and remeasure is not None:
-        fresh = {cell_key(row): row for row in remeasure([r.key for r in flagged])}
+        runs = {key: [] for key in flagged}
+        pending = list(flagged)
+        for _ in range(repeats):
+            fresh = {cell_key(row): row for row in remeasure(pending)}
+            for key in pending:
+                if key in fresh:
+                    runs[key].append(fresh[key])
+            # Only a cell that keeps failing needs another run: one that did not is already `noisy`.
+            pending = [key for key in pending if key in fresh and compare_cell(
+                key, flagged[key].baseline, fresh[key], thresholds).verdict in FAILING_VERDICTS]
+            if not pending:
+                break
+        chosen = {}
         for i, old in enumerate(results):
-            if old.verdict in FAILING_VERDICTS and old.key in fresh:
-                new = compare_cell(old.key, old.baseline, fresh[old.key], thresholds)
-                new.first_ms = old.current.get("ms_median") if old.current else None
-                first = f"{new.first_ms:.4g} ms" if new.first_ms is not None else old.current.get("status")
-                new.note = "; ".join(n for n in (f"re-measured (first run: {first}, {old.verdict})", new.note) if n)
-                results[i] = new
-        cur_rows = [fresh.get(cell_key(r), r) for r in cur_rows]
-        notes.append(f"{len(flagged)} flagged cell(s) re-measured once before judging")
+            if old.key in flagged and runs[old.key]:
+                results[i], chosen[old.key] = confirm(old, runs[old.key], thresholds)
+        cur_rows = [chosen.get(cell_key(r), r) for r in cur_rows]
+        notes.append(f"{len(flagged)} flagged cell(s) re-measured (up to {repeats} more run(s) each, in turn) "
+                     "before judging: a cell counts only when every run agrees")
     elif flagged:
         notes.append("flagged cells were not re-measured (pass --profile to re-measure them)")
-    return CheckReport(results, notes, fail_on_missing), cur_rows
+    return CheckReport(results, notes, fail_on_missing, fail_on_noisy), cur_rows
+
+
+def _run_text(row: dict) -> str:
+    return f"{row['ms_median']:.4g} ms" if row.get("status") == "ok" else str(row.get("status"))
+
+
+def confirm(first: CellResult, reruns: list[dict], thresholds: Thresholds) -> tuple[CellResult, dict]:
+    """The verdict of a flagged cell (`first`, from the first run) after its re-measurements `reruns`, and
+    the row that stands for it (the median run among the last verdict's runs).
+
+    Every run failing (regressed or failed) confirms the failure, judged on the median failing run. Any run
+    that does not is `noisy`: the cell's run-to-run spread is larger than the change it would have to show,
+    so no verdict about it would be honest; it does not fail the check unless `--fail-on-noisy`."""
+    judged = [compare_cell(first.key, first.baseline, row, thresholds) for row in reruns]
+    runs = [first.current, *reruns]
+    texts = ", ".join(_run_text(row) for row in runs)
+    if all(j.verdict in FAILING_VERDICTS for j in judged):
+        row = _median_run(reruns)
+        result = judged[reruns.index(row)]
+        result.first_ms = first.current.get("ms_median") if first.current else None
+        result.note = "; ".join(n for n in (f"re-measured: {result.verdict} in all {len(runs)} runs ({texts})",
+                                            result.note) if n)
+        return result, row
+    row = _median_run(runs)
+    ok = [r["ms_median"] for r in runs if r.get("status") == "ok"]
+    spread = f"; run-to-run spread {max(ok) / min(ok) - 1:.0%}" if len(ok) > 1 else ""
+    failing = 1 + sum(j.verdict in FAILING_VERDICTS for j in judged)
+    threshold = first.threshold if first.threshold is not None else thresholds.for_cell(first.key[0], first.key[1])
+    result = CellResult(first.key, "noisy", first.baseline, row, threshold=threshold,
+                        noise_ms=first.noise_ms, first_ms=first.current.get("ms_median") if first.current else None,
+                        note=f"{first.verdict} in {failing} of {len(runs)} runs ({texts}){spread}: too noisy "
+                             f"to gate at {threshold:.0%}")
+    return result, row
+
+
+def _median_run(rows: list[dict]) -> dict:
+    """The run with the median time among the ok ones (the lower middle one), else the last."""
+    ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r["ms_median"])
+    return ok[(len(ok) - 1) // 2] if ok else rows[-1]
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -399,6 +462,8 @@ class CheckOptions:
     allow_version_change: bool = False
     output: Path | None = None
     quiet: bool = False  # no progress lines or bar on stderr
+    repeats: int | None = None  # re-measurements of a flagged cell; None: 3 on a CPU, 1 on a GPU
+    fail_on_noisy: bool = False
 
 
 def _profile_runner(opts: CheckOptions, base_header: dict, names: set[str], notes: list[str]):
@@ -481,9 +546,13 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
         assert runner is not None
         cur_rows = remeasure([cell_key(r) for r in base_rows if r["status"] == "ok"])
         cur_header = runner.header
+    repeats = opts.repeats
+    if repeats is None:
+        repeats = CPU_REPEATS if runner is not None and runner.run_device.type == "cpu" else 1
     report, cur_rows = run_check(base_rows, cur_rows, opts.thresholds,
-                                 remeasure=remeasure if runner is not None else None,
-                                 fail_on_missing=opts.fail_on_missing, notes=notes)
+                                 remeasure=remeasure if runner is not None else None, repeats=repeats,
+                                 fail_on_missing=opts.fail_on_missing, fail_on_noisy=opts.fail_on_noisy,
+                                 notes=notes)
     if opts.output is not None:
         try:
             write_atomic(opts.output, json_document(cur_header, cur_rows))

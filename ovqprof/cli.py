@@ -443,6 +443,11 @@ def check_cmd(
     isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each measured cell in a "
                                            "fresh worker process (default: on for GPU, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
+    repeats: int | None = typer.Option(None, "--repeats", min=1, help="Re-measurements of a flagged cell, "
+                                       "all flagged cells in turn; it fails only if every run agrees, else it "
+                                       "is `noisy` (default: 3 on a CPU, 1 on a GPU)."),
+    fail_on_noisy: bool = typer.Option(False, "--fail-on-noisy", help="Fail when a flagged cell's runs "
+                                       "disagree (`noisy`) instead of reporting it as not gated."),
     format: str = typer.Option("table", "--format", "-f", help="Report format: table, md or json."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the current rows (after "
                                           "re-measurement) as a JSON result, e.g. to promote to a baseline."),
@@ -459,7 +464,7 @@ def check_cmd(
         baseline=baseline, current=current, profile=profile, device=device, isolate=isolate,
         cell_timeout_s=cell_timeout, fail_on_missing=fail_on_missing, allow_version_change=allow_version_change,
         thresholds=Thresholds.parse(threshold, layer_threshold or [], mode_threshold or [], min_delta_ms),
-        output=output, quiet=quiet)
+        output=output, quiet=quiet, repeats=repeats, fail_on_noisy=fail_on_noisy)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         report, base_header = check_command(opts, log=lambda text: err_console.print(text, markup=False))
