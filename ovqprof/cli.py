@@ -39,6 +39,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages 
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
+DEVICES_HELP = ("Comma list of devices measuring cells at once, one isolated worker each: cuda:0,cuda:1 (cpu,cpu "
+                "to test; its timings share cores). One device is --device.")
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -163,14 +165,12 @@ def sweep(
     batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
-    devices: str | None = typer.Option(None, "--devices", help="Comma list of devices measuring cells at once, "
-                                          "one isolated worker each: cuda:0,cuda:1 (cpu,cpu to test; its "
-                                          "timings share cores). One device is --device."),
+    devices: str | None = typer.Option(None, "--devices", help=DEVICES_HELP),
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
     isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU, off for CPU)."),
+                                           "worker process (default: on for GPU and --devices, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed and "
                                                  "reported as status timeout."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
@@ -224,7 +224,7 @@ def sweep(
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
     rows: list[dict] = []
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots or [None]))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
     progress.header(run_header_lines(header))
     try:
         with writer, progress:
@@ -370,11 +370,9 @@ def baseline_cmd(
     batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
-    devices: str | None = typer.Option(None, "--devices", help="Comma list of devices measuring cells at once, "
-                                          "one isolated worker each: cuda:0,cuda:1 (cpu,cpu to test; its "
-                                          "timings share cores). One device is --device."),
+    devices: str | None = typer.Option(None, "--devices", help=DEVICES_HELP),
     isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU, off for CPU)."),
+                                           "worker process (default: on for GPU and --devices, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
                                   "% of roofline column."),
@@ -398,7 +396,8 @@ def baseline_cmd(
     if from_file is not None:
         given = [name for name, value in (("--profile", profile), ("--seq", seq), ("--modes", modes),
                                           ("--batch", batch), ("--layers", layers), ("--device", device),
-                                          ("--devices", devices), ("--isolate", isolate), ("--cell-timeout", cell_timeout)) if value is not None]
+                                          ("--devices", devices), ("--isolate", isolate),
+                                          ("--cell-timeout", cell_timeout)) if value is not None]
         if given:
             raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
                              "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
@@ -418,7 +417,7 @@ def baseline_cmd(
                         roofline=roofline, slots=slots)
     cells = plan_cells(spec)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots or [None]))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
     try:
         runner.start()  # peaks and run-wide notes (shared CPU cores) belong in the header printed below
         progress.header(run_header_lines(header))
