@@ -273,3 +273,17 @@ def test_an_interrupted_two_worker_sweep_keeps_its_rows_and_resume_runs_only_the
     assert len(keys) == len(set(keys)) == total
     assert set(keys) == {c.key for c in plan_cells(load_spec(tiny_spec))}
     assert rows[: len(kept)] == kept  # appended after the rows already there
+
+
+@pytest.mark.slow
+def test_baseline_records_the_rows_of_every_worker(tiny_spec, tmp_path):
+    out = tmp_path / "base.json"
+    result = runner.invoke(app, ["baseline", "--profile", str(tiny_spec), "--layers", "mha,lin", "--modes", "fwd",
+                                 "--devices", "cpu,cpu", "--no-roofline", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert sorted(_keys(doc["rows"])) == [("lin", "fwd", 32, 1), ("lin", "fwd", 64, 1), ("mha", "fwd", 32, 1),
+                                          ("mha", "fwd", 64, 1)]
+    assert {r["device"] for r in doc["rows"]} == {"cpu:0", "cpu:1"}
+    assert doc["header"]["devices"] == ["cpu:0", "cpu:1"] and NOTE_SHARED_CORES in doc["header"]["notes"]
+    assert f"- note: {NOTE_SHARED_CORES}" in result.stderr  # printed before the first cell
