@@ -39,6 +39,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages 
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
+DEVICES_HELP = ("Comma list of devices measuring cells at once, one isolated worker each: cuda:0,cuda:1 (cpu,cpu "
+                "to test; its timings share cores). One device is --device.")
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -163,11 +165,12 @@ def sweep(
     batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    devices: str | None = typer.Option(None, "--devices", help=DEVICES_HELP),
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
     isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU, off for CPU)."),
+                                           "worker process (default: on for GPU and --devices, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed and "
                                                  "reported as status timeout."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
@@ -183,6 +186,7 @@ def sweep(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
+    from ovqprof.devices import devices_option
     from ovqprof.machine import machine_info
     from ovqprof.resume import done_cells, read_rows
     from ovqprof.sweep import plan_cells, run_sweep, start_run
@@ -190,6 +194,7 @@ def sweep(
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
     select_columns(SWEEP_LAYOUT, _split_list(columns))  # before any measurement
+    device, slots = devices_option(devices, device)
     spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
     header = machine_info(run_device)
     existing: list[dict] = []
@@ -207,12 +212,9 @@ def sweep(
         check_output_writable(output)
     if trace_dir is not None:
         check_trace_dir(trace_dir)
-    if isolate is None:
-        isolate = run_device.type == "cuda"
-    if cell_timeout is not None and not isolate:
-        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+    isolate = _isolation(isolate, cell_timeout, run_device, slots)
 
-    settings = start_run(spec, run_device, header, roofline=roofline, isolate=isolate)
+    settings = start_run(spec, run_device, header, roofline=roofline, isolate=isolate, slots=slots)
     _warn_shared_gpu(header)
     cells = plan_cells(spec)
     if resume is not None:
@@ -222,7 +224,7 @@ def sweep(
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
     rows: list[dict] = []
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
     progress.header(run_header_lines(header))
     try:
         with writer, progress:
@@ -232,7 +234,7 @@ def sweep(
                 progress.row_finished(row)
 
             run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
-                      on_start=progress.cell_started)
+                      on_start=progress.cell_started, slots=slots)
     except KeyboardInterrupt:
         if output is None:
             how = "Write rows to a file with --output FILE to be able to resume."
@@ -256,6 +258,18 @@ def sweep(
     if any(r["status"] in FAILED_STATUSES for r in rows):
         err_console.print(f"[red]some cells failed[/] ({summary}); see the status and note columns")
         raise typer.Exit(EXIT_FAILED_ROWS)
+
+
+def _isolation(isolate: bool | None, cell_timeout: float | None, run_device, slots) -> bool:
+    """Whether cells run in worker processes: as asked, else on for GPU; always with several --devices."""
+    if slots and isolate is False:
+        raise UsageError("--no-isolate with several --devices: each device's cells run in their own worker "
+                         "processes. Allowed: --devices with --isolate (the default), or one --device")
+    if isolate is None:
+        isolate = bool(slots) or run_device.type == "cuda"
+    if cell_timeout is not None and not isolate:
+        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+    return isolate
 
 
 def _load_run_spec(profile, seq, modes, batch, layers, device):
@@ -356,8 +370,9 @@ def baseline_cmd(
     batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
+    devices: str | None = typer.Option(None, "--devices", help=DEVICES_HELP),
     isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU, off for CPU)."),
+                                           "worker process (default: on for GPU and --devices, off for CPU)."),
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
                                   "% of roofline column."),
@@ -374,13 +389,15 @@ def baseline_cmd(
     """Record a baseline for `ovqprof check`: a sweep's rows with the machine header, as JSON."""
     from ovqprof import baseline as recording
     from ovqprof.check import load_results
+    from ovqprof.devices import devices_option
     from ovqprof.machine import machine_info
     from ovqprof.sweep import SpecRunner, plan_cells
 
     if from_file is not None:
         given = [name for name, value in (("--profile", profile), ("--seq", seq), ("--modes", modes),
                                           ("--batch", batch), ("--layers", layers), ("--device", device),
-                                          ("--isolate", isolate), ("--cell-timeout", cell_timeout)) if value is not None]
+                                          ("--devices", devices), ("--isolate", isolate),
+                                          ("--cell-timeout", cell_timeout)) if value is not None]
         if given:
             raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
                              "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
@@ -390,21 +407,20 @@ def baseline_cmd(
         err_console.print(recording.record(output, header, rows, source=str(from_file), allow_failed=allow_failed),
                           markup=False)
         return
+    device, slots = devices_option(devices, device)
     spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
     header = machine_info(run_device)
     output = output or recording.default_path(spec.name, header)
     recording.check_writable(output)
-    if isolate is None:
-        isolate = run_device.type == "cuda"
-    if cell_timeout is not None and not isolate:
-        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
+    isolate = _isolation(isolate, cell_timeout, run_device, slots)
     runner = SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=cell_timeout,
-                        roofline=roofline)
+                        roofline=roofline, slots=slots)
     cells = plan_cells(spec)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec))
-    progress.header(run_header_lines(header))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
     try:
+        runner.start()  # peaks and run-wide notes (shared CPU cores) belong in the header printed below
+        progress.header(run_header_lines(header))
         with progress:
             rows = runner.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
     except KeyboardInterrupt:

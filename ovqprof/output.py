@@ -173,8 +173,10 @@ def run_header_lines(header: dict) -> list[str]:
 
 
 def _header_lines(header: dict) -> list[str]:
-    keys = ("device", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile", "argv")
-    lines = [f"- {k}: {header.get(k)}" for k in keys if header.get(k) is not None]
+    keys = ("device", "devices", "driver", "torch", "triton", "cuda", "python", "git_revision", "date", "profile",
+            "argv")
+    lines = [f"- {k}: {', '.join(v) if isinstance(v, list) else v}" for k in keys
+             if (v := header.get(k)) is not None]
     for dtype, p in (header.get("peaks") or {}).items():
         lines.append(f"- peaks ({dtype}, median of {p.get('rounds', 1)} rounds, spread max-min): matmul "
                      f"{p['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s ({100 * p.get('matmul_spread', 0):.0f}%), copy "

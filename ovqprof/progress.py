@@ -25,8 +25,11 @@ class CellProgress:
     """Progress over `total` cells: `start(label)` when one begins, `done(label, result)` when it ends."""
 
     def __init__(self, total: int, *, quiet: bool = False, stream: TextIO | None = None,
-                 budget_s: float | None = None, what: str = "cells"):
+                 budget_s: float | None = None, what: str = "cells", workers: int = 1):
+        """`workers`: cells measured at once (`--devices`); above 1 every line names the cell's device, and the
+        ETA before the first cell finishes is the budget shared among the workers."""
         self.total, self.quiet, self.budget_s, self.what = total, quiet, budget_s, what
+        self.workers = workers
         self.stream = stream or sys.stderr
         self.finished = 0
         self.current = ""  # the label of the cell running now
@@ -68,7 +71,7 @@ class CellProgress:
         left = self.total - self.finished
         if self.finished:
             return (time.perf_counter() - self.t0) / self.finished * left
-        return None if self.budget_s is None else self.budget_s * left
+        return None if self.budget_s is None else self.budget_s * left / self.workers
 
     def start(self, label: str) -> None:
         self.current = label
@@ -90,14 +93,15 @@ class CellProgress:
         self.stream.write(f"[{self.finished}/{self.total}] {label}{': ' + result if result else ''}{tail}\n")
         self.stream.flush()
 
-
-    def cell_started(self, cell) -> None:
-        """`start` for an ovqprof.cell.Cell (a sweep's on_start)."""
-        self.start(cell_label(cell))
+    def cell_started(self, cell, device: str | None = None) -> None:
+        """`start` for an ovqprof.cell.Cell (a sweep's on_start), on `device` when cells run concurrently."""
+        self.start(cell_label(cell) + (f" on {device}" if device and self.workers > 1 else ""))
 
     def row_finished(self, row: dict) -> None:
-        """`done` for the sweep row of the cell last started (a sweep's on_row)."""
-        self.done(result=row_result(row))
+        """`done` for a sweep row (a sweep's on_row), labelled from the row itself: with several workers the
+        cell last started is not the one that finished."""
+        label = f"{row['layer']} {row['mode']} T={row['seq']} B={row['batch']}"
+        self.done(label + (f" on {row['device']}" if self.workers > 1 else ""), row_result(row))
 
 
 def cell_label(cell) -> str:

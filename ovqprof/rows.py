@@ -25,7 +25,8 @@ FAILED_STATUSES = frozenset({"check_failed", "error", "timeout"})
 # Notes that hold for every row of a run; tables and Markdown show them once, under the header, not per row.
 NOTE_CPU_MEMORY = "memory: torch/nvml columns are GPU-only"
 NOTE_NO_PEAKS = "no measured device peaks: % of roofline unknown"
-RUN_WIDE_NOTES = (NOTE_CPU_MEMORY, NOTE_NO_PEAKS)
+NOTE_SHARED_CORES = "timed while other workers shared the CPU cores (--devices cpu,...): slower than alone"
+RUN_WIDE_NOTES = (NOTE_CPU_MEMORY, NOTE_NO_PEAKS, NOTE_SHARED_CORES)
 
 INT_COLUMNS = frozenset({
     "seq", "batch", "mem_torch_alloc_bytes", "mem_torch_reserved_bytes", "mem_nvml_device_bytes",

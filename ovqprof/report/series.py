@@ -15,14 +15,14 @@ class SweepLabels:
 
     def __init__(self, rows: list[dict]):
         self.batches = {r.get("batch") for r in rows}
-        self.devices = {r.get("device") for r in rows}
+        self.devices = {_device_kind(r) for r in rows}
 
     def __call__(self, row: dict) -> str:
         label = str(row["layer"])
         if len(self.batches) > 1:
             label += f" B={row.get('batch')}"
         if len(self.devices) > 1:
-            label += f" ({row.get('device')})"
+            label += f" ({_device_kind(row)})"
         return label
 
     def group(self, row: dict) -> str:
@@ -32,8 +32,14 @@ class SweepLabels:
         if len(self.batches) > 1:
             parts.append(f"B={row.get('batch')}")
         if len(self.devices) > 1:
-            parts.append(str(row.get("device")))
+            parts.append(_device_kind(row))
         return ", ".join(parts)
+
+
+def _device_kind(row: dict) -> str:
+    """`cuda:1` -> `cuda`, `cpu:0` -> `cpu`: the slots of one `sweep --devices` run are one device model, so
+    their rows make one series, not a series per worker."""
+    return str(row.get("device")).split(":")[0]
 
 
 def split_groups(series: Series, groups: dict[str, str]) -> dict[str, Series]:
