@@ -213,3 +213,27 @@ def test_bad_flags_are_one_paragraph_usage_errors(tmp_path, flags, fragment):
     result = CliRunner().invoke(app, ["distributed", "--profile", str(spec_path), *flags])
     assert result.exit_code == 2
     assert fragment in result.output and "Traceback" not in result.output
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def test_report_plots_latency_and_bytes_per_strategy_and_reads_tree_against_ring(tmp_path):
+    from ovqprof.distributed.rows import COLUMNS, empty_row
+    from ovqprof.report import write_report
+
+    rows = []
+    for seq in (1024, 4096):
+        for strategy, ms, sent in (("tree", 2.0, 1056.0), ("ring", 1.0 * seq / 256, 2.0 * seq * 1024)):
+            rows.append(empty_row(layer="mha", world_size=2, strategy=strategy, seq=seq, batch=1, status="ok",
+                                  ms_median=ms, bytes_sent=sent, ovq_ms=0.2, mem_peak_bytes=1000))
+    rows.append(empty_row(layer="mha", world_size=2, strategy="allgather", seq=4096, batch=1, status="timeout",
+                          note="rank(s) 0 did not finish"))
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    text = write_report([path], tmp_path / "rep", generated="now").read_text()
+    assert (tmp_path / "rep" / "distributed-latency.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "distributed-bytes.png").stat().st_size > 1000
+    assert "At R=2, T=4096: tree takes 2 ms per step, ring 16 ms (8x faster)" in text
+    assert "R=2 allgather T=4096" in text and "timeout" in text

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from ovqprof.distributed.cost import available_memory_bytes, peak_bytes_estimate
 from ovqprof.distributed.cost import bytes_sent as formula_bytes
 from ovqprof.distributed.rows import (
     COLUMNS,
@@ -36,6 +37,7 @@ from ovqprof.output import RowWriter, check_output_writable
 from ovqprof.ranges import RangeError, parse_seq_range
 from ovqprof.spec import LayerSpec, Spec, profile_label, torch_dtype
 
+MEMORY_SHARE = 0.6  # cells whose ranks together would hold more than this share of free RAM are skipped
 GATE_TOLERANCE = 1e-12  # float64 relative error of a strategy against single-device SDPA
 
 
@@ -239,6 +241,13 @@ def run_distributed(spec: Spec, header: dict, request: DistributedRequest, rows:
                               warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms, min_reps=settings.min_reps,
                               max_reps=settings.max_reps, check_seq=settings.check_seq,
                               fault=request.faults.get((world_size, strategy, seq)))
+                too_big = _too_big_for_ram(strategy, world_size, seq, settings, layer, kv_heads)
+                if too_big is not None:
+                    row = dict(base, status="skipped", note="; ".join(filter(None, [too_big, base.get("note")])))
+                    writer.write(row)
+                    rows.append(row)
+                    progress.done(label, "skipped")
+                    continue
                 try:
                     if group is not None and (group.world_size != world_size or not group.alive):
                         group.close()
@@ -257,6 +266,24 @@ def run_distributed(spec: Spec, header: dict, request: DistributedRequest, rows:
     finally:
         if group is not None:
             group.kill()
+
+
+def _too_big_for_ram(strategy: str, world_size: int, seq: int, settings: DistributedSettings, layer: LayerSpec,
+                     kv_heads: int) -> str | None:
+    """Why a gloo cell on this machine would not fit in its free memory (all ranks share it), else None: a
+    skipped row instead of a machine the kernel's OOM killer clears (other people's processes included)."""
+    from ovqprof.distributed.group import resolve_backend
+
+    free = available_memory_bytes()
+    if free is None or resolve_backend(settings.backend, world_size) != "gloo":
+        return None
+    el = torch.empty((), dtype=torch_dtype(layer.dtype)).element_size()
+    need = sum(peak_bytes_estimate(strategy, r, world_size, seq + 1, settings.batch, kv_heads, layer.head_dim, el)
+               for r in range(world_size))
+    if need <= MEMORY_SHARE * free:
+        return None
+    return (f"skipped: the {world_size} ranks would hold about {need / 2**30:.1f} GiB of KV tensors, more than "
+            f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB this machine has free")
 
 
 def summary(rows: list[dict]) -> tuple[str, bool]:

@@ -29,3 +29,29 @@ def kv_shard_bytes(rank: int, world_size: int, keys: int, batch: int, kv_heads: 
                    element_size: int) -> int:
     """2 B G n_r dh el: the K and V that rank `rank` holds."""
     return 2 * batch * kv_heads * shard_lengths(keys, world_size)[rank] * head_dim * element_size
+
+
+def peak_bytes_estimate(strategy: str, rank: int, world_size: int, keys: int, batch: int, kv_heads: int,
+                        head_dim: int, element_size: int) -> int:
+    """What rank `rank` holds at the peak of a step, KV tensors only: its shard, plus for ring the block it
+    sends and the one it receives, plus for allgather the R padded blocks and their concatenation."""
+    n = shard_lengths(keys, world_size)
+    block = 2 * batch * kv_heads * head_dim * element_size  # bytes per key position, K and V
+    own = block * n[rank]
+    if strategy == "tree":
+        return own
+    if strategy == "ring":
+        return own + 2 * block * max(n)
+    return own + block * (world_size * max(n) + keys)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

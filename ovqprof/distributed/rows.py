@@ -7,7 +7,7 @@ layer, ovq_layer    the softmax layer whose KV cache is sharded, and the OVQ lay
 world_size, strategy, backend, device   R ranks, tree | ring | allgather, gloo | nccl, rank 0's device
 seq, batch          decode context T (the step attends T + 1 keys), batch size
 heads, kv_heads, head_dim   H, G, dh
-status, check       ok | error | oom | timeout; check: the float64 gate of the strategy against single-device
+status, check       ok | check_failed | error | oom | timeout | skipped (would not fit in free RAM); check: the float64 gate of the strategy against single-device
                     SDPA at check_seq ("ok 3e-16" or "FAIL ...")
 ms_median, ms_p20, ms_p80   the slowest rank's median step (and that rank's p20, p80); ms_ranks each rank's
 reps                timed steps per rank (the same on every rank: collectives need equal counts)
@@ -31,7 +31,7 @@ COLUMNS: tuple[str, ...] = (
 INT_COLUMNS = frozenset({"world_size", "seq", "batch", "heads", "kv_heads", "head_dim", "reps",
                          "mem_peak_bytes", "kv_shard_bytes", "ovq_state_bytes"})
 FLOAT_COLUMNS = frozenset({"ms_median", "ms_p20", "ms_p80", "bytes_sent", "bytes_sent_formula", "ovq_ms"})
-STATUSES: tuple[str, ...] = ("ok", "check_failed", "oom", "error", "timeout")
+STATUSES: tuple[str, ...] = ("ok", "check_failed", "oom", "error", "timeout", "skipped")
 FAILED_STATUSES = frozenset({"check_failed", "error", "timeout"})
 MARKERS = frozenset({"world_size", "strategy", "bytes_sent", "ms_median"})  # how a report tells these rows
 
