@@ -30,6 +30,6 @@ def strategy_rank(rank: int, world_size: int, init: str, cases: list[dict], out)
                             generator=torch.Generator().manual_seed(c["seed"] + 7))
             comm = CountingComm(rank, world_size)
             o = STRATEGIES[c["strategy"]](q, shard, comm, lengths=lengths)
-            out.put((rank, i, o, comm.bytes_sent, comm.calls))
+            out.put((rank, i, o.numpy(), comm.bytes_sent, comm.calls))  # by value: the rank may exit first
     finally:
         dist.destroy_process_group()

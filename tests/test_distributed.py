@@ -100,7 +100,7 @@ def _run_group(world_size: int, cases: list[dict]) -> dict:
         results = {}
         for _ in range(world_size * len(cases)):
             rank, i, o, sent, calls = queue.get(timeout=120)
-            results[(rank, i)] = (o, sent, calls)
+            results[(rank, i)] = (torch.from_numpy(o), sent, calls)
         for p in procs:
             p.join(30)
             assert p.exitcode == 0
