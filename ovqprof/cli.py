@@ -360,6 +360,76 @@ def capacity(
         raise typer.Exit(EXIT_FAILED_ROWS)
 
 
+@app.command("distributed")
+@user_errors
+def distributed_cmd(
+    profile: str = typer.Option("distributed", "--profile", "-p", help="YAML spec with a softmax_attention "
+                                "layer and a `distributed:` section (default: profiles/distributed.yaml)."),
+    world_size: str | None = typer.Option(None, "--world-size", help="Comma list of rank counts R, overriding "
+                                             "distributed.world_sizes, e.g. 1,2,4."),
+    strategy: str | None = typer.Option(None, "--strategy", help="Comma list of tree, ring, allgather, "
+                                           "overriding distributed.strategies."),
+    seq: str | None = typer.Option(None, help="Decode contexts, overriding distributed.seq (as for sweep)."),
+    backend: str | None = typer.Option(None, help="auto (nccl with a GPU per rank, else gloo), gloo or nccl."),
+    cell_timeout: float | None = typer.Option(None, help="Seconds before a cell's ranks are killed (status "
+                                                 "timeout)."),
+    collective_timeout: float | None = typer.Option(None, help="Seconds a collective waits for a missing rank "
+                                                       "before failing."),
+    format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
+                                          "finish (default: stdout)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run: skip the cells "
+                                          "already in this CSV or JSON file and append the rest to it."),
+    columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Decode with the KV cache sharded over R ranks (torch.distributed): tree, ring and all-gather
+    attention, one row per (world size, strategy, context), with OVQ's single-device step beside them."""
+    from ovqprof.distributed.command import DistributedRequest, run_distributed, summary
+    from ovqprof.distributed.rows import layout
+    from ovqprof.machine import machine_info
+
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    select_columns(layout(), _split_list(columns))
+    spec, run_device = _load_run_spec(profile, None, None, None, None, "cpu")
+    if resume is not None:
+        from ovqprof.resume import resume_format
+
+        if output is not None and output.resolve() != resume.resolve():
+            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
+                             "(rows are appended to FILE)")
+        output, format = resume, resume_format(resume)
+    request = DistributedRequest(world_sizes=world_size, strategies=strategy, seq=seq, backend=backend,
+                                 cell_timeout_s=cell_timeout, collective_timeout_s=collective_timeout,
+                                 format=format, output=output, resume=resume is not None,
+                                 columns=_split_list(columns), show_progress=not quiet)
+    rows: list[dict] = []
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        run_distributed(spec, machine_info(run_device), request, rows,
+                        log=lambda text: err_console.print(text, markup=False))
+    except KeyboardInterrupt:
+        where = f" in {output}" if output else ""
+        how = (f"Resume with: {_resume_command(output)}" if output is not None else
+               "Write rows to a file with --output FILE to be able to resume.")
+        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}. {how}", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
+                    "were finished before the failure. Free space or choose another --output, then continue "
+                    "with --resume.", EXIT_INFRASTRUCTURE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text, failed = summary(rows)
+    if output is not None:
+        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
+    if failed:
+        err_console.print(f"[red]some cells failed[/] ({text}); see the status and note columns")
+        raise typer.Exit(EXIT_FAILED_ROWS)
+
+
 @app.command("baseline")
 @user_errors
 def baseline_cmd(

@@ -31,6 +31,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from ovqprof import registry
 from ovqprof.capacity.settings import ProbeSettings
+from ovqprof.distributed.settings import DistributedSettings
 from ovqprof.errors import SpecError, UsageError
 from ovqprof.layers.base import MODES, LayerConfigError
 from ovqprof.ranges import SEQ_RANGE_FORMS, RangeError, parse_seq_value
@@ -39,7 +40,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DtypeName = Literal["float32", "float64", "float16", "bfloat16"]
 ModeName = Literal["fwd", "bwd", "decode"]
-TOP_KEYS = ("name", "description", "defaults", "layers", "sweep", "capacity")
+TOP_KEYS = ("name", "description", "defaults", "layers", "sweep", "capacity", "distributed")
 CAPACITY_KEYS = ("probe", "mqar")
 # Keys of a layer entry that are not type-specific options.
 LAYER_KEYS = ("name", "type", "d_model", "heads", "head_dim", "dtype")
@@ -135,6 +136,7 @@ class Spec(_Frozen):
     layers: tuple[LayerSpec, ...] = Field(min_length=1)
     sweep: SweepSpec
     capacity: CapacitySpec = Field(default_factory=CapacitySpec)
+    distributed: DistributedSettings | None = None  # None: no `distributed:` section (its defaults apply)
 
 
 # --- YAML with line numbers --------------------------------------------------------------------------------
@@ -325,6 +327,26 @@ def _capacity(doc: _Doc, raw: Any) -> CapacitySpec:
     return CapacitySpec(probe=probe, mqar=mqar, mqar_lines=lines)
 
 
+def _distributed(doc: _Doc, raw: Any, layers: list[LayerSpec]) -> DistributedSettings | None:
+    """The `distributed:` section, its `layer` and `ovq` names checked against the spec's layers."""
+    if raw is None:
+        return None
+    raw = _mapping_at(doc, raw, ("distributed",), tuple(DistributedSettings.model_fields))
+    settings = _validate(doc, DistributedSettings, raw, ("distributed",), raw)
+    for key, wanted in (("layer", "softmax_attention"), ("ovq", "ovq")):
+        name = getattr(settings, key)
+        if name is None:
+            continue
+        match = next((layer for layer in layers if layer.name == name), None)
+        if match is None or match.type != wanted or (key == "layer" and match.options.get("window")):
+            names = [layer.name for layer in layers if layer.type == wanted and not
+                     (key == "layer" and layer.options.get("window"))]
+            raise doc.error(f"{name!r} is not a {wanted} layer of this spec" + (" without a window" if key ==
+                            "layer" else ""), ("distributed", key), allowed=", ".join(names) or
+                            f"none: add a {wanted} layer to `layers`", show_value=False)
+    return settings
+
+
 def _init_params(cls: type) -> str:
     try:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # [1:]: drop self
@@ -411,8 +433,9 @@ def load_spec_text(text: str, file: str = "<string>") -> Spec:
                                 ("layers", i, "name"), allowed="names unique within the spec", show_value=False)
         layers.append(layer)
     capacity = _capacity(doc, raw.get("capacity"))
+    distributed = _distributed(doc, raw.get("distributed"), layers)
     return Spec(file=file, name=name, description=description, defaults=defaults, layers=tuple(layers),
-                sweep=sweep, capacity=capacity)
+                sweep=sweep, capacity=capacity, distributed=distributed)
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -283,7 +283,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(("case", "fragment"), [
-    ("missing", "does not exist"), ("foreign", "neither sweep nor capacity results"), ("empty", "is empty"),
+    ("missing", "does not exist"), ("foreign", "neither sweep, capacity nor distributed results"), ("empty", "is empty"),
     ("norows", "holds no result rows"), ("broken", "cannot be parsed"), ("badnum", "column pairs holds 'many'"),
 ])
 def test_bad_input_files_exit_2_naming_the_file(tmp_path, case, fragment):

@@ -12,6 +12,8 @@ from pathlib import Path
 from ovqprof.errors import UsageError
 from ovqprof.output import human_bytes
 from ovqprof.report import plots
+from ovqprof.report.distributed import PLOT_FILES as DISTRIBUTED_PLOTS
+from ovqprof.report.distributed import distributed_sections
 from ovqprof.report.load import ResultFile, load_result_files
 from ovqprof.report.markdown import Section, render, table
 from ovqprof.report.readings import (
@@ -43,7 +45,7 @@ from ovqprof.report.series import (
 )
 
 PLOT_FILES = ("throughput.png", "decode.png", "memory.png", "state.png", "recall.png", "pareto.png",
-              "breakdown.png")
+              "breakdown.png", *DISTRIBUTED_PLOTS)
 PEAK_COLUMNS = ("mem_torch_alloc_bytes", "mem_rss_peak_bytes")  # GPU allocator peak first, RSS on CPU
 MODES = ("fwd", "bwd", "decode")
 NOISY_SPREAD = 2.0  # ms_p80 / ms_p20 above this: the median of that row is not to be trusted
@@ -68,6 +70,7 @@ class Report:
         self.out_dir = out_dir
         self.sweep = [r for f in files if f.kind == "sweep" for r in f.rows]
         self.capacity = [r for f in files if f.kind == "capacity" for r in f.rows]
+        self.distributed = [r for f in files if f.kind == "distributed" for r in f.rows]
         self.sweep_labels = SweepLabels(self.sweep)
         self.capacity_labels = CapacityLabels(self.capacity)
         self.kinds = kind_of_label(self.sweep, self.sweep_labels)
@@ -292,7 +295,8 @@ class Report:
                 if status in (None, "ok"):
                     continue
                 cell = (f"{r.get('mode')} T={r.get('seq')} B={r.get('batch')}" if f.kind == "sweep" else
-                        f"{r.get('method')} pairs={r.get('pairs')}")
+                        f"R={r.get('world_size')} {r.get('strategy')} T={r.get('seq')}" if f.kind == "distributed"
+                        else f"{r.get('method')} pairs={r.get('pairs')}")
                 note = str(r.get("note") or "")
                 out.append({"file": f.path.name, "layer": str(r.get("layer")), "cell": cell, "status": status,
                             "note": note if len(note) <= 100 else note[:97] + "..."})
@@ -377,7 +381,8 @@ def write_report(paths: list[Path], out_dir: Path, generated: str | None = None,
     check_output_dir(out_dir)
     report = Report(files, out_dir)
     sections = [report.throughput(), report.decode(), report.memory(), report.state(), report.recall(),
-                report.pareto(), where_time_goes(report, docs, trace_seq)]
+                report.pareto(), where_time_goes(report, docs, trace_seq),
+                *distributed_sections(report.distributed, report)]
     for name in PLOT_FILES:
         if name not in report.written and (out_dir / name).exists():
             (out_dir / name).unlink()

@@ -1,8 +1,8 @@
-"""Read sweep and capacity result files (CSV or JSON, any mix) into typed rows.
+"""Read sweep, capacity and distributed result files (CSV or JSON, any mix) into typed rows.
 
 A JSON file is {"header": {...}, "rows": [...]}; a CSV file has a header line of column names and no machine
 header. Which kind a file holds is told by its columns: sweep rows have `mode` and `ms_median`, capacity rows
-have `method`, `pairs` and `accuracy`. Input files are only read, never changed.
+have `method`, `pairs` and `accuracy`, distributed rows `world_size`, `strategy` and `bytes_sent`. Input files are only read, never changed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ovqprof.distributed.rows import FLOAT_COLUMNS as DISTRIBUTED_FLOATS
+from ovqprof.distributed.rows import INT_COLUMNS as DISTRIBUTED_INTS
+from ovqprof.distributed.rows import MARKERS as DISTRIBUTED_MARKERS
 from ovqprof.errors import UsageError
 from ovqprof.rows import FLOAT_COLUMNS as SWEEP_FLOATS
 from ovqprof.rows import INT_COLUMNS as SWEEP_INTS
@@ -25,8 +28,9 @@ CAPACITY_FLOATS = frozenset({"accuracy", "cosine", "rel_error", "capacity", "tau
 # Capacity columns whose type the capacity command decides (a count or a name): numbers when they parse.
 CAPACITY_MAYBE_NUMBERS = frozenset({"keys", "gap"})
 
-ALLOWED = ("Allowed: a .csv or .json file written by `ovqprof sweep --output` or `ovqprof capacity --output` "
-           "(sweep rows have the columns mode and ms_median, capacity rows method, pairs and accuracy).")
+ALLOWED = ("Allowed: a .csv or .json file written by `ovqprof sweep --output`, `ovqprof capacity --output` or "
+           "`ovqprof distributed --output` (sweep rows have the columns mode and ms_median, capacity rows method, "
+           "pairs and accuracy, distributed rows world_size, strategy and bytes_sent).")
 
 
 @dataclass
@@ -62,7 +66,8 @@ def _maybe_number(value: object) -> object:
 
 
 def _typed(row: dict, kind: str) -> dict:
-    ints, floats = (SWEEP_INTS, SWEEP_FLOATS) if kind == "sweep" else (CAPACITY_INTS, CAPACITY_FLOATS)
+    ints, floats = {"sweep": (SWEEP_INTS, SWEEP_FLOATS), "distributed": (DISTRIBUTED_INTS, DISTRIBUTED_FLOATS)
+                    }.get(kind, (CAPACITY_INTS, CAPACITY_FLOATS))
     out = {}
     for col, value in row.items():
         try:
@@ -82,6 +87,8 @@ def _typed(row: dict, kind: str) -> dict:
 
 
 def _kind_of(columns: set[str]) -> str | None:
+    if DISTRIBUTED_MARKERS <= columns:
+        return "distributed"
     if SWEEP_MARKERS <= columns:
         return "sweep"
     if CAPACITY_MARKERS <= columns:
@@ -130,10 +137,10 @@ def load_result_file(path: Path) -> ResultFile:
     if kind is None:
         # the CLI prints messages through rich: a column such as "[tool]" would be read as markup
         shown = ", ".join(c.replace("[", "\\[") for c in sorted(columns)[:12]) + (", ..." if len(columns) > 12 else "")
-        raise UsageError(f"{path} is neither sweep nor capacity results (its columns: {shown}). {ALLOWED}")
+        raise UsageError(f"{path} is neither sweep, capacity nor distributed results (its columns: {shown}). {ALLOWED}")
     if fmt == "csv" and any(None in r for r in raw):  # more cells than columns: a foreign or broken line
         raise UsageError(f"{path}: a CSV line has more cells than the header has columns. {ALLOWED}")
-    markers = SWEEP_MARKERS if kind == "sweep" else CAPACITY_MARKERS
+    markers = {"sweep": SWEEP_MARKERS, "distributed": DISTRIBUTED_MARKERS}.get(kind, CAPACITY_MARKERS)
     for i, row in enumerate(raw, start=1):
         missing = sorted(markers - set(row))
         if missing:
