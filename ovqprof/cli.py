@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import signal
 import sys
@@ -776,8 +777,20 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {exc.format_message()} (see `{command} --help`)", markup=True,
                           highlight=False)
         raise SystemExit(EXIT_USAGE) from None
-    except click_errors.Abort:
+    except _ABORT_ERRORS(click_errors):
         raise SystemExit(EXIT_INTERRUPTED) from None
-    except click_errors.Exit as exc:
+    except BrokenPipeError:  # `ovqprof --help | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        raise SystemExit(EXIT_OK) from None
+    except _EXIT_ERRORS(click_errors) as exc:
         raise SystemExit(exc.exit_code) from None
     raise SystemExit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _ABORT_ERRORS(module) -> tuple[type[BaseException], ...]:  # noqa: N802 - used as an except clause
+    """click's Abort where this typer's click has one (typer's vendored click has none)."""
+    return tuple(e for e in (getattr(module, "Abort", None),) if e is not None)
+
+
+def _EXIT_ERRORS(module) -> tuple[type[BaseException], ...]:  # noqa: N802
+    return tuple(e for e in (getattr(module, "Exit", None),) if e is not None)
