@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -337,10 +338,25 @@ def capacity(
                               layers_from_cli=layers is not None, resume=resume is not None,
                               columns=_split_list(columns))
     rows: list[dict] = []
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+    with _keeping_rows(rows, output, "Free space or choose another --output."):
         run_capacity(spec, run_device, machine_info(run_device), request, rows,
                      log=lambda text: err_console.print(text, markup=False))
+    text, failed = summary(rows)
+    if output is not None:
+        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
+    if failed:
+        err_console.print(f"[red]some rows failed[/] ({text}); see the status and note columns")
+        raise typer.Exit(EXIT_FAILED_ROWS)
+
+
+@contextlib.contextmanager
+def _keeping_rows(rows: list[dict], output: Path | None, after_write_error: str):
+    """Run a command that appends finished rows to `rows` (and to `output`): SIGTERM as Ctrl-C; an interrupt
+    says how many rows were kept and how to resume (exit 130); a write error is exit 4 naming the rows
+    finished before it, then `after_write_error` (what to do)."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
     except KeyboardInterrupt:
         where = f" in {output}" if output else ""
         how = (f"Resume with: {_resume_command(output)}" if output is not None else
@@ -349,16 +365,9 @@ def capacity(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except OSError as exc:
         raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
-                    "were finished before the failure. Free space or choose another --output.",
-                    EXIT_INFRASTRUCTURE) from None
+                    f"were finished before the failure. {after_write_error}", EXIT_INFRASTRUCTURE) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    text, failed = summary(rows)
-    if output is not None:
-        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
-    if failed:
-        err_console.print(f"[red]some rows failed[/] ({text}); see the status and note columns")
-        raise typer.Exit(EXIT_FAILED_ROWS)
 
 
 @app.command("distributed")
@@ -407,22 +416,9 @@ def distributed_cmd(
                                  format=format, output=output, resume=resume is not None,
                                  columns=_split_list(columns), show_progress=not quiet)
     rows: list[dict] = []
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+    with _keeping_rows(rows, output, "Free space or choose another --output, then continue with --resume."):
         run_distributed(spec, machine_info(run_device), request, rows,
                         log=lambda text: err_console.print(text, markup=False))
-    except KeyboardInterrupt:
-        where = f" in {output}" if output else ""
-        how = (f"Resume with: {_resume_command(output)}" if output is not None else
-               "Write rows to a file with --output FILE to be able to resume.")
-        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}. {how}", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except OSError as exc:
-        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
-                    "were finished before the failure. Free space or choose another --output, then continue "
-                    "with --resume.", EXIT_INFRASTRUCTURE) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     text, failed = summary(rows)
     if output is not None:
         err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
@@ -777,20 +773,18 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {exc.format_message()} (see `{command} --help`)", markup=True,
                           highlight=False)
         raise SystemExit(EXIT_USAGE) from None
-    except _ABORT_ERRORS(click_errors):
+    except _click_classes(click_errors, "Abort"):
         raise SystemExit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # `ovqprof --help | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         raise SystemExit(EXIT_OK) from None
-    except _EXIT_ERRORS(click_errors) as exc:
+    except _click_classes(click_errors, "Exit") as exc:
         raise SystemExit(exc.exit_code) from None
     raise SystemExit(code if isinstance(code, int) else EXIT_OK)
 
 
-def _ABORT_ERRORS(module) -> tuple[type[BaseException], ...]:  # noqa: N802 - used as an except clause
-    """click's Abort where this typer's click has one (typer's vendored click has none)."""
-    return tuple(e for e in (getattr(module, "Abort", None),) if e is not None)
-
-
-def _EXIT_ERRORS(module) -> tuple[type[BaseException], ...]:  # noqa: N802
-    return tuple(e for e in (getattr(module, "Exit", None),) if e is not None)
+def _click_classes(module, name: str) -> tuple[type[BaseException], ...]:
+    """click's exception `name` where this typer's click has it (typer's vendored click has no Abort or Exit):
+    an except clause over an empty tuple catches nothing."""
+    cls = getattr(module, name, None)
+    return (cls,) if cls is not None else ()

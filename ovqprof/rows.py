@@ -36,14 +36,20 @@ FLOAT_COLUMNS = frozenset({"ms_median", "ms_p20", "ms_p80", "tokens_per_s", "tfl
                            "flops", "bytes"})
 
 
-def empty_row(**known: object) -> dict:
-    """A row with every column present (None where not yet known)."""
-    unknown = set(known) - set(COLUMNS)
+def row_of(columns: tuple[str, ...], what: str, known: dict) -> dict:
+    """A row with every one of `columns` present (None where not yet known); a key outside them is a
+    KeyError naming `what` rows they are (sweep, capacity and distributed rows share this)."""
+    unknown = set(known) - set(columns)
     if unknown:
-        raise KeyError(f"not result columns: {sorted(unknown)}")
-    row = dict.fromkeys(COLUMNS)
+        raise KeyError(f"not {what} columns: {sorted(unknown)}")
+    row = dict.fromkeys(columns)
     row.update(known)
     return row
+
+
+def empty_row(**known: object) -> dict:
+    """A sweep row with every column present (None where not yet known)."""
+    return row_of(COLUMNS, "result", known)
 
 
 def cell_key(row: dict) -> tuple:

@@ -47,12 +47,9 @@ SHORT_HEADERS: tuple[str, ...] = ("method", "layer", "keys", "gap", "seq", "pair
 
 def empty_row(**known: object) -> dict:
     """A row with every column present (None where not known)."""
-    unknown = set(known) - set(COLUMNS)
-    if unknown:
-        raise KeyError(f"not capacity columns: {sorted(unknown)}")
-    row = dict.fromkeys(COLUMNS)
-    row.update(known)
-    return row
+    from ovqprof.rows import row_of
+
+    return row_of(COLUMNS, "capacity", known)
 
 
 def capacity_of(rows: list[dict], tau: float) -> int | None:

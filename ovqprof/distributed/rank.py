@@ -22,6 +22,7 @@ from ovqprof.distributed.comm import CountingComm
 from ovqprof.distributed.partial import reference_attention
 from ovqprof.distributed.shards import random_shard, shard_lengths
 from ovqprof.distributed.step import STRATEGIES, decode_step, make_cache
+from ovqprof.measure.memory import proc_status_kib
 from ovqprof.measure.timing import _quantile
 from ovqprof.spec import LayerSpec, torch_dtype
 
@@ -116,26 +117,15 @@ class _PeakMemory:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                self.base = _status_kib("VmRSS") * 1024
+                self.base = proc_status_kib("VmRSS") * 1024
             except (OSError, TypeError):
                 self.base = None
 
     def peak(self) -> int | None:
         if self.source == "torch":
             return int(torch.cuda.max_memory_allocated() - self.base)
-        hwm = _status_kib("VmHWM")
+        hwm = proc_status_kib("VmHWM")
         return None if self.base is None or hwm is None else max(0, hwm * 1024 - self.base)
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def measure_on_rank(job: RankJob, layer_module, rank: int, world_size: int, device: str,

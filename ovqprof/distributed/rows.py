@@ -44,12 +44,9 @@ SHORT_HEADERS: tuple[str, ...] = ("layer", "R", "strategy", "seq", "status", "ch
 
 def empty_row(**known: object) -> dict:
     """A row with every column present (None where not known)."""
-    unknown = set(known) - set(COLUMNS)
-    if unknown:
-        raise KeyError(f"not distributed columns: {sorted(unknown)}")
-    row = dict.fromkeys(COLUMNS)
-    row.update(known)
-    return row
+    from ovqprof.rows import row_of
+
+    return row_of(COLUMNS, "distributed", known)
 
 
 def cell_key(row: dict) -> tuple:

@@ -151,13 +151,13 @@ class RssTracker:
         if not self.reset_ok:
             return MemoryReport({"mem_rss_peak_bytes": None},
                                 ["rss: cannot reset the peak (/proc/self/clear_refs unavailable)"])
-        peak = _proc_status_kib("VmHWM")
+        peak = proc_status_kib("VmHWM")
         if peak is None:
             return MemoryReport({"mem_rss_peak_bytes": None}, ["rss: VmHWM missing from /proc/self/status"])
         return MemoryReport({"mem_rss_peak_bytes": peak * 1024})
 
 
-def _proc_status_kib(key: str) -> int | None:
+def proc_status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
