@@ -7,6 +7,11 @@ in ms, `t` the cell's relative threshold and `min_delta_ms` an absolute floor:
 - improved:  b > c * (1 + t)  and  b_p20 > c_p80  and  b - c > min_delta_ms
 - unchanged: otherwise.
 
+A baseline recorded in several rounds (`ovqprof baseline --repeats N`, 3 by default on a CPU) lists each cell's
+round medians in its header; then `b` above is the slowest round's median for a slow-down and the fastest's
+for a speed-up (the rounds' p20/p80 spread is the kept row's), so a baseline that caught a quiet moment in one
+round does not make unchanged code fail.
+
 The middle condition says the runs' p20..p80 bands do not overlap: the change is larger than the noise the two
 runs show in its direction, `noise_ms` = (b_p80 - b) + (c - c_p20) for a slow-down (the baseline's upper
 spread plus the current run's lower spread), mirrored for a speed-up. Timing distributions have long upper
@@ -246,7 +251,9 @@ def _spread_ms(row: dict, side: str) -> float:
     return 0.0 if q is None else max(0.0, q - row["ms_median"] if side == "up" else row["ms_median"] - q)
 
 
-def compare_cell(key: tuple, base: dict | None, cur: dict | None, thresholds: Thresholds) -> CellResult:
+def compare_cell(key: tuple, base: dict | None, cur: dict | None, thresholds: Thresholds,
+                 base_runs: list[float] | None = None) -> CellResult:
+    """The verdict of one cell; `base_runs` are the baseline's round medians in ms (None: one round)."""
     if base is None:
         return CellResult(key, "new", None, cur, note="not in the baseline")
     if base["status"] != "ok":
@@ -258,15 +265,23 @@ def compare_cell(key: tuple, base: dict | None, cur: dict | None, thresholds: Th
         return CellResult(key, "failed", base, cur, note=f"now {cur['status']}: {cur.get('note') or ''}".strip(": "))
     layer, mode = key[0], key[1]
     t = thresholds.for_cell(layer, mode)
-    b, c = base["ms_median"], cur["ms_median"]
+    median, c = base["ms_median"], cur["ms_median"]
+    rounds = [median, *(base_runs or ())]
+    # The reference is the baseline round that makes the change smallest: its slowest for a slow-down.
+    b = max(rounds) if c > median else min(rounds)
     delta = c - b
-    if delta > 0:  # slower: the baseline's upper spread and the current run's lower one could fake it
+    if c > median:  # slower: the baseline's upper spread and the current run's lower one could fake it
         noise = _spread_ms(base, "up") + _spread_ms(cur, "down")
     else:
         noise = _spread_ms(base, "down") + _spread_ms(cur, "up")
     result = CellResult(key, "unchanged", base, cur, threshold=t, noise_ms=noise)
-    beyond_threshold = c > b * (1 + t) if delta > 0 else b > c * (1 + t)
-    if beyond_threshold:
+    beyond_median = c > median * (1 + t) if c > median else median > c * (1 + t)
+    beyond_threshold = c > b * (1 + t) if c > median else b > c * (1 + t)
+    if beyond_median and not beyond_threshold:
+        result.note = (f"beyond the threshold of the baseline's median but not of its "
+                       f"{'slowest' if c > median else 'fastest'} of {len(base_runs or ())} rounds "
+                       f"({min(rounds):.4g}-{max(rounds):.4g} ms)")
+    elif beyond_threshold:
         if abs(delta) <= noise:
             result.note = "beyond the threshold but within the runs' spread"
         elif abs(delta) <= thresholds.min_delta_ms:
@@ -278,11 +293,15 @@ def compare_cell(key: tuple, base: dict | None, cur: dict | None, thresholds: Th
     return result
 
 
-def compare(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds) -> list[CellResult]:
-    """Every baseline cell in order, then the cells only the current run has."""
+def compare(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds,
+            base_runs: dict[tuple, list[float]] | None = None) -> list[CellResult]:
+    """Every baseline cell in order, then the cells only the current run has. `base_runs`: each cell's
+    baseline round medians (`baseline.read_run_medians`)."""
     current = {cell_key(r): r for r in cur_rows}
     base_keys = [cell_key(r) for r in base_rows]
-    results = [compare_cell(k, r, current.get(k), thresholds) for k, r in zip(base_keys, base_rows, strict=True)]
+    runs = base_runs or {}
+    results = [compare_cell(k, r, current.get(k), thresholds, runs.get(k))
+               for k, r in zip(base_keys, base_rows, strict=True)]
     known = set(base_keys)
     results += [compare_cell(k, None, r, thresholds) for k, r in current.items() if k not in known]
     return results
@@ -324,11 +343,13 @@ class CheckReport:
 def run_check(base_rows: list[dict], cur_rows: list[dict], thresholds: Thresholds, *,
               remeasure: Callable[[list[tuple]], list[dict]] | None = None, repeats: int = 1,
               fail_on_missing: bool = False, fail_on_noisy: bool = False,
-              notes: list[str] | None = None) -> tuple[CheckReport, list[dict]]:
+              notes: list[str] | None = None,
+              base_runs: dict[tuple, list[float]] | None = None) -> tuple[CheckReport, list[dict]]:
     """Compare; re-measure the flagged cells with `remeasure(keys) -> rows` (when given) up to `repeats` times,
     all of them in turn each round, and judge them on every measurement (`confirm`). Returns the report and
     the current rows with re-measured ones replaced (by the cell's median run)."""
-    results = compare(base_rows, cur_rows, thresholds)
+    base_runs = base_runs or {}
+    results = compare(base_rows, cur_rows, thresholds, base_runs)
     check_dtypes(results)
     notes = notes if notes is not None else []
     flagged = {r.key: r for r in results if r.verdict in FAILING_VERDICTS}
@@ -342,13 +363,13 @@ def run_check(base_rows: list[dict], cur_rows: list[dict], thresholds: Threshold
                     runs[key].append(fresh[key])
             # Only a cell that keeps failing needs another run: one that did not is already `noisy`.
             pending = [key for key in pending if key in fresh and compare_cell(
-                key, flagged[key].baseline, fresh[key], thresholds).verdict in FAILING_VERDICTS]
+                key, flagged[key].baseline, fresh[key], thresholds, base_runs.get(key)).verdict in FAILING_VERDICTS]
             if not pending:
                 break
         chosen = {}
         for i, old in enumerate(results):
             if old.key in flagged and runs[old.key]:
-                results[i], chosen[old.key] = confirm(old, runs[old.key], thresholds)
+                results[i], chosen[old.key] = confirm(old, runs[old.key], thresholds, base_runs.get(old.key))
         cur_rows = [chosen.get(cell_key(r), r) for r in cur_rows]
         notes.append(f"{len(flagged)} flagged cell(s) re-measured (up to {repeats} more run(s) each, in turn) "
                      "before judging: a cell counts only when every run agrees")
@@ -361,14 +382,15 @@ def _run_text(row: dict) -> str:
     return f"{row['ms_median']:.4g} ms" if row.get("status") == "ok" else str(row.get("status"))
 
 
-def confirm(first: CellResult, reruns: list[dict], thresholds: Thresholds) -> tuple[CellResult, dict]:
+def confirm(first: CellResult, reruns: list[dict], thresholds: Thresholds,
+            base_runs: list[float] | None = None) -> tuple[CellResult, dict]:
     """The verdict of a flagged cell (`first`, from the first run) after its re-measurements `reruns`, and
     the row that stands for it (the median run among the last verdict's runs).
 
     Every run failing (regressed or failed) confirms the failure, judged on the median failing run. Any run
     that does not is `noisy`: the cell's run-to-run spread is larger than the change it would have to show,
     so no verdict about it would be honest; it does not fail the check unless `--fail-on-noisy`."""
-    judged = [compare_cell(first.key, first.baseline, row, thresholds) for row in reruns]
+    judged = [compare_cell(first.key, first.baseline, row, thresholds, base_runs) for row in reruns]
     runs = [first.current, *reruns]
     texts = ", ".join(_run_text(row) for row in runs)
     if all(j.verdict in FAILING_VERDICTS for j in judged):
@@ -549,10 +571,12 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
     repeats = opts.repeats
     if repeats is None:
         repeats = CPU_REPEATS if runner is not None and runner.run_device.type == "cpu" else 1
+    from ovqprof.baseline import read_run_medians
+
     report, cur_rows = run_check(base_rows, cur_rows, opts.thresholds,
                                  remeasure=remeasure if runner is not None else None, repeats=repeats,
                                  fail_on_missing=opts.fail_on_missing, fail_on_noisy=opts.fail_on_noisy,
-                                 notes=notes)
+                                 notes=notes, base_runs=read_run_medians(base_header))
     if opts.output is not None:
         try:
             write_atomic(opts.output, json_document(cur_header, cur_rows))

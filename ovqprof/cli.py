@@ -443,6 +443,9 @@ def baseline_cmd(
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
                                   "% of roofline column."),
+    repeats: int | None = typer.Option(None, "--repeats", help="Rounds: every cell measured this many times, "
+                                       "the whole list each round; check compares with the slowest and fastest "
+                                       "round (default 3 on a CPU, 1 on a GPU)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Baseline file to write (default: "
                                           "<profile>-<device>.json in the current directory)."),
     from_file: Path | None = typer.Option(None, "--from", help="Record the rows of a finished JSON result "
@@ -464,15 +467,16 @@ def baseline_cmd(
         given = [name for name, value in (("--profile", profile), ("--seq", seq), ("--modes", modes),
                                           ("--batch", batch), ("--layers", layers), ("--device", device),
                                           ("--devices", devices), ("--isolate", isolate),
-                                          ("--cell-timeout", cell_timeout)) if value is not None]
+                                          ("--cell-timeout", cell_timeout), ("--repeats", repeats))
+                 if value is not None]
         if given:
             raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
                              "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
         header, rows = load_results(from_file, "--from")
         output = output or recording.default_path(Path(str(header.get("profile") or "results")).stem, header)
         recording.check_writable(output)
-        err_console.print(recording.record(output, header, rows, source=str(from_file), allow_failed=allow_failed),
-                          markup=False)
+        err_console.print(recording.record(output, header, rows, source=str(from_file), allow_failed=allow_failed,
+                                           run_medians=recording.read_run_medians(header)), markup=False)
         return
     device, slots = devices_option(devices, device)
     spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
@@ -483,13 +487,19 @@ def baseline_cmd(
     runner = SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=cell_timeout,
                         roofline=roofline, slots=slots)
     cells = plan_cells(spec)
+    rounds = repeats if repeats is not None else (recording.CPU_ROUNDS if run_device.type == "cpu" else 1)
+    if rounds < 1:
+        raise UsageError(f"--repeats {rounds} is not valid. Allowed: an integer >= 1")
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
+    progress = CellProgress(rounds * len(cells), quiet=quiet, budget_s=cell_budget_s(spec),
+                            workers=len(slots) if slots else 1)
     try:
         runner.start()  # peaks and run-wide notes (shared CPU cores) belong in the header printed below
         progress.header(run_header_lines(header))
         with progress:
-            rows = runner.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
+            rows, medians = recording.measure_rounds(
+                lambda todo: runner.measure(todo, on_start=progress.cell_started, on_row=progress.row_finished),
+                cells, rounds)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: no baseline written to {output}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -500,7 +510,7 @@ def baseline_cmd(
         signal.signal(signal.SIGTERM, previous)
     _warn_shared_gpu(header)
     err_console.print(recording.record(output, header, rows, source=f"sweep of {spec.file}",
-                                       allow_failed=allow_failed), markup=False)
+                                       allow_failed=allow_failed, run_medians=medians), markup=False)
 
 
 @app.command("check")
