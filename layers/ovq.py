@@ -185,7 +185,7 @@ class OVQAttention(SequenceLayer):
 
     def _chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
         """The PyTorch core (no Triton): the fast chunk loop (SDPA reads, flat writes) for `lr: adaptive`,
-        the reference itself for `lr: constant`; both equal the reference (tests/test_ovq_chunked_cpu.py)."""
+        the reference itself for `lr: constant`; both equal the reference (tests/test_ovq_write_rules.py)."""
         core = ovq_chunked_fast if self.config.lr == "adaptive" else ovq_chunked
         return core(q, k, v, self._beta(), self.config)
 
