@@ -572,7 +572,7 @@ def test_fla_only_for_cuda_tensors_of_kernel_dtypes(monkeypatch):
 
 
 # --- GPU: fla kernels against the PyTorch path ------------------------------------------------------------
-GPU_REASON = "needs a CUDA GPU and flash-linear-attention (pip install 'ovqprof[fla]') to compare fla kernels"
+GPU_REASON = "needs a CUDA GPU and fla-core (pip install 'ovqprof[fla]') to compare fla kernels"
 
 
 @pytest.mark.gpu
