@@ -1,5 +1,6 @@
 """Triton kernels, installed as `ovqprof.kernels`.
 
-One operation per file, each with its autograd Function and, beside it, the PyTorch reference that
-defines the math and is what CPU runs use. The OVQ-attention kernels land here (see the issues).
+One package per operation; today `ovq/`, OVQ-attention's core: its Triton kernels, their autograd Function
+and, beside them, the PyTorch reference that defines the math and is what CPU runs use. Importing this
+package (or `ovq/`'s config and reference) loads no Triton: only the kernel modules do.
 """

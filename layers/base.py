@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ovqprof.rows import MODES  # noqa: F401 (defined once, without torch, for the CLI; re-exported here)
-
-Mode = Literal["fwd", "bwd", "decode"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,6 @@ class Cost:
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.flops + other.flops, self.bytes + other.bytes)
-
-    def scaled(self, flops_factor: float, bytes_factor: float) -> Cost:
-        return Cost(self.flops * flops_factor, self.bytes * bytes_factor)
 
 
 class LayerOptions(BaseModel):

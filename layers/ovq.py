@@ -3,7 +3,8 @@
 The layer is projections around the core in `ovqprof.kernels.ovq`: q, k, v = x W_q, x W_k, x W_v split into H
 heads, q and k L2-normalised per head (no positional encoding), the core's output merged and projected by W_o.
 The algorithm, and every choice this project made where the paper is silent, is in the README's "How
-OVQ-attention works here"; the options below map one to one onto `OVQConfig`. The defaults are this project's
+OVQ-attention works here"; the core's options are `OVQConfig`'s own (generated from it, so they cannot drift),
+beside the layer's (beta, the implementation). The defaults are this project's
 variant; `assign: chunk_start`, `init: spread_topm`, `normalize_centroids: false` (and, as switches of that
 code, `count_bias: false`, `value_update: delta`) run the public implementation's (recursal/KVM-paper).
 """
@@ -15,12 +16,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, create_model
 from torch import nn
 
 from ovqprof.kernels.ovq import OVQConfig, OVQState, active_after, ovq_chunked, ovq_step, spawn_count
 from ovqprof.kernels.ovq.chunked_cpu import ovq_chunked_fast
-from ovqprof.kernels.ovq.config import triton_unsupported
+from ovqprof.kernels.ovq.config import option_specs, triton_unsupported
 from ovqprof.kernels.ovq.reference import advance, centroid_keys, read, tail_buffer, write
 from ovqprof.kernels.ovq.unit_norm import unit_norm
 from ovqprof.phases import phase
@@ -30,33 +31,22 @@ from .base import Cost, LayerConfigError, LayerOptions, SequenceLayer, tensor_by
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class OVQOptions(LayerOptions):
-    dict_size: int = Field(1024, ge=1, description="N: key/value centroid slots per head")
-    chunk_size: int = Field(64, ge=1, description="L: tokens per chunk; the dictionary is written every L tokens")
+def _core_options_model() -> type[LayerOptions]:
+    """A LayerOptions model with one field per OVQConfig option: same name, type, default, bounds and
+    description (declared once, in kernels/ovq/config.py)."""
+    fields = {spec.name: (spec.annotation, Field(spec.default, description=spec.description, **spec.bounds))
+              for spec in option_specs()}
+    return create_model("OVQCoreOptions", __base__=LayerOptions, __module__=__name__, **fields)
+
+
+OVQCoreOptions = _core_options_model()
+
+
+class OVQOptions(OVQCoreOptions):
+    """OVQConfig's options (the core's, listed first) and the layer's own: beta and the implementation."""
+
     beta: float | None = Field(None, gt=0, description="inverse temperature of the read; default sqrt(head_dim)")
     learn_beta: bool = Field(False, description="make beta a learned parameter per head")
-    growth: Literal["saturating", "dp", "linear", "full"] = Field(
-        "saturating", description="active-slot schedule g(t): saturating N t/(N+t), dp alpha ln(1+t/alpha), "
-                                  "linear rate t, full t (capped at N)")
-    alpha: float = Field(128.0, gt=0, description="concentration of the dp schedule")
-    rate: float = Field(0.125, gt=0, le=1, description="slots per token of the linear schedule")
-    init: Literal["spread", "random", "spread_topm"] = Field(
-        "spread", description="new slots' keys: spread (farthest-first from the chunk), random (seeded) or "
-                              "spread_topm (one shot: the m keys least similar to the chunk-start dictionary)")
-    seed: int = Field(0, description="seed of init: random")
-    assign: Literal["with_spawned", "chunk_start"] = Field(
-        "with_spawned", description="slots a non-spawning token may join: with_spawned (all active, just spawned "
-                                    "included) or chunk_start (those active at the chunk start; slot 0 if none)")
-    count_bias: bool = Field(True, description="add log count to the read's dictionary logits (else counts only "
-                                               "set the learning rate)")
-    value_update: Literal["mean", "delta"] = Field(
-        "mean", description="value centroids: mean (running mean) or delta (move by the residual v - R(k) of a "
-                            "dictionary-only read; PyTorch reference on every device)")
-    lr: Literal["adaptive", "constant"] = Field(
-        "adaptive", description="centroid update: adaptive (running mean, step 1/count) or constant (step eta)")
-    eta: float = Field(0.1, gt=0, le=1, description="step of lr: constant")
-    normalize_centroids: bool = Field(True, description="score with normalised key centroids Mk/|Mk|")
-    grad_through_state: bool = Field(True, description="backpropagate through the dictionary across chunks")
     impl: Literal["auto", "reference", "triton"] = Field(
         "auto", description="core implementation: auto (Triton kernels on CUDA when supported, else the PyTorch "
                             "reference), reference, or triton (on CPU only under TRITON_INTERPRET=1)")
@@ -67,6 +57,10 @@ class OVQOptions(LayerOptions):
         "tf32", description="Triton kernels' products with the float32 dictionary for bf16/fp16 layers: tf32, "
                             "bf16x2 (keys as bf16 hi + lo, values in bf16) or bf16 (all bf16: fastest, least "
                             "accurate); float32 layers always use exact float32 products")
+
+    def core_config(self) -> OVQConfig:
+        """The OVQConfig these options select (raises ValueError for a combination OVQConfig refuses)."""
+        return OVQConfig(**self.model_dump(include=set(OVQCoreOptions.model_fields)))
 
 
 class OVQAttention(SequenceLayer):
@@ -111,11 +105,7 @@ class OVQAttention(SequenceLayer):
         else:
             self.register_buffer("beta", beta, persistent=False)
         try:
-            self.config = OVQConfig(
-                dict_size=o.dict_size, chunk_size=o.chunk_size, growth=o.growth, alpha=o.alpha, rate=o.rate,
-                init=o.init, seed=o.seed, assign=o.assign, count_bias=o.count_bias, value_update=o.value_update,
-                lr=o.lr, eta=o.eta, normalize_centroids=o.normalize_centroids,
-                grad_through_state=o.grad_through_state)
+            self.config = o.core_config()
         except ValueError as exc:  # options validate their own ranges; this is a safety net
             raise LayerConfigError("options", str(exc), o.model_dump(), "see `ovqprof layers`") from exc
         self._triton_problem = triton_unsupported(self.config, head_dim, head_dim)
@@ -195,7 +185,7 @@ class OVQAttention(SequenceLayer):
 
     def _chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, OVQState]:
         """The PyTorch core (no Triton): the fast chunk loop (SDPA reads, flat writes) for `lr: adaptive`,
-        the reference itself for `lr: constant`; both equal the reference (tests/test_ovq_chunked_cpu.py)."""
+        the reference itself for `lr: constant`; both equal the reference (tests/test_ovq_write_rules.py)."""
         core = ovq_chunked_fast if self.config.lr == "adaptive" else ovq_chunked
         return core(q, k, v, self._beta(), self.config)
 

@@ -50,11 +50,10 @@ class RegistryError(Exception):
 
 @dataclass(frozen=True)
 class LayerType:
-    """A resolvable layer type: its registered name, class and whether it implements SequenceLayer."""
+    """A resolvable layer type: its registered name (or import path) and class."""
 
     name: str
     cls: type
-    builtin: bool
 
     @property
     def is_sequence_layer(self) -> bool:
@@ -131,9 +130,9 @@ def get_layer_type(name: str, search_dirs: tuple[str, ...] = ()) -> LayerType:
     """Resolve a type name or import path (`package.module:Class`, looked up on sys.path, then in
     `search_dirs`); raises RegistryError naming what is allowed."""
     if name in BUILTIN_LAYERS:
-        return LayerType(name, _import_class(BUILTIN_LAYERS[name]), builtin=True)
+        return LayerType(name, _import_class(BUILTIN_LAYERS[name]))
     if ":" in name:
-        return LayerType(name, _import_class(name, search_dirs), builtin=False)
+        return LayerType(name, _import_class(name, search_dirs))
     raise RegistryError(f"unknown layer type {name!r}", allowed_types_text())
 
 

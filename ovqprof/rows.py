@@ -1,4 +1,4 @@
-"""The result row: one per (layer, mode, seq, batch), columns as in `measurement.md`.
+"""The result row: one per (layer, mode, seq, batch), columns as in the README's "Row schema".
 
 Units are in the names: `_ms` milliseconds, `_bytes` bytes, `tflops` 1e12 FLOP/s, `gbps` 1e9 bytes/s.
 Memory columns name their source (torch allocator, NVML, process RSS). Unknown is None (null), never 0,

@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for modules of tiny tensors: avoids OpenMP stalls on shared cores (restored after).
-    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """One intra-op thread for modules of tiny tensors (restored after): with two, a busy neighbour process can
+    stall torch's thread barrier and make a tiny CPU kernel 100x slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`, or as an argument of one test."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

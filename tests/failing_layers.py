@@ -75,7 +75,7 @@ class ToyLayer(SequenceLayer):
     def cost(self, mode, batch, seq):
         tokens = batch * (1 if mode == "decode" else seq)
         fwd = Cost(2.0 * tokens * self.d_model**2, float(self.weight_bytes() + 2 * tokens * self.d_model * 4))
-        return fwd.scaled(3, 3) if mode == "bwd" else fwd
+        return Cost(3 * fwd.flops, 3 * fwd.bytes) if mode == "bwd" else fwd
 
 
 class PlainModule(torch.nn.Module):

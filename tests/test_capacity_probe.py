@@ -1,4 +1,5 @@
-"""The associative-memory probe held to theory (shared/design/capacity.md, section 1), and `ovqprof capacity`.
+"""The associative-memory probe held to theory (the predictions in ovqprof/capacity/probe.py's docstring),
+and `ovqprof capacity`.
 
 Small dk keeps it fast: 64 for softmax (at dk 16-32 the chi-square spread of |k|^2, relative std sqrt(2/dk),
 already costs softmax a few per cent of top-1 at 8 dk pairs), 32 elsewhere.

@@ -380,16 +380,6 @@ sweep:
 """
 
 
-@pytest.fixture
-def one_thread():
-    # One intra-op thread: with two, a busy neighbour process can stall torch's thread barrier and make a
-    # tiny CPU kernel 100x slower, which is noise this test must not measure.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _halved(src: Path, dst: Path, factor: float = 2.0) -> Path:
     doc = json.loads(src.read_text())
     for row in doc["rows"]:

@@ -50,13 +50,7 @@ REGISTERED = {"gla": GLA, "mamba2": Mamba2, "delta_net": DeltaNet, "gated_delta_
 FLA_MISSING = importlib.util.find_spec("fla") is None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These tensors are tiny: a second OpenMP thread only adds waiting when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def make(name, dtype=torch.float64, **extra):
@@ -578,7 +572,7 @@ def test_fla_only_for_cuda_tensors_of_kernel_dtypes(monkeypatch):
 
 
 # --- GPU: fla kernels against the PyTorch path ------------------------------------------------------------
-GPU_REASON = "needs a CUDA GPU and flash-linear-attention (pip install 'ovqprof[fla]') to compare fla kernels"
+GPU_REASON = "needs a CUDA GPU and fla-core (pip install 'ovqprof[fla]') to compare fla kernels"
 
 
 @pytest.mark.gpu

@@ -464,6 +464,22 @@ def test_state_bytes_equal_the_state_tensors_for_every_length(dtype):
                 assert layer.active_slots(t + 1) == state.active
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_empty_state_allocates_exactly_the_decode_state(dtype):
+    # A decode from no tokens starts from empty_state: no more storage than the state it grows into, which
+    # the prefill of the same tokens holds too (a fixed N slots and L - 1 buffer rows).
+    layer = _layer(dtype, dict_size=6, chunk_size=4)
+    state = empty_state(3, 2, 4, 4, layer.config, dtype=layer.accum_dtype, device="cpu")
+    assert tensor_bytes(state) == layer.state_bytes(3, 0)
+    x = _x(3, 9, dtype=dtype, seed=21)
+    with torch.no_grad():
+        for t in range(9):
+            _, state = layer.step(x[:, t : t + 1], state)
+            assert tensor_bytes(state) == layer.state_bytes(3, t + 1)
+        _, prefilled = layer.prefill(x)
+    assert tensor_bytes(prefilled) == tensor_bytes(state)
+
 def test_cost_is_positive_linear_in_length_and_flat_for_decode():
     layer = OVQAttention(1024, 8, 128, OVQOptions(dict_size=1024, chunk_size=64))
     for mode in ("fwd", "bwd", "decode"):

@@ -7,22 +7,19 @@ and that each mode reaches the kernels; on a GPU they run the real tensor-core p
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from decode_helpers import decode_all
 from ovq_kernel_inputs import ovq_inputs
+from triton_device import kernel_device
 
 from ovqprof.kernels.ovq import OVQConfig, ovq_chunked
 from ovqprof.layers.ovq import OVQAttention, OVQOptions
 from ovqprof.tolerances import rel_rms_error, tolerance_for
 
-triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run", allow_module_level=True)
+DEVICE = kernel_device()  # skips this module where the kernels cannot run
 
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ovqprof.kernels.ovq.forward import _key_dot, dict_mode, exact_dots, ovq_forward_triton  # noqa: E402

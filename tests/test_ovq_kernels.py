@@ -6,22 +6,18 @@ compiled kernels. The reference is evaluated in float64 on the same (rounded) in
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from autograd_helpers import saved_storage_bytes
 from ovq_kernel_inputs import ovq_inputs
+from triton_device import kernel_device
 
 from ovqprof.kernels.ovq import OVQConfig, active_after, ovq_chunked
 from ovqprof.kernels.ovq.reference import centroid_keys, read
 from ovqprof.layers.ovq import OVQAttention, OVQOptions
 from ovqprof.tolerances import rel_rms_error, tolerance_for
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run", allow_module_level=True)
+DEVICE = kernel_device()  # skips this module where the kernels cannot run
 
 from ovqprof.kernels.ovq.decode import ovq_decode_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward import ovq_forward_triton  # noqa: E402

@@ -1,4 +1,6 @@
-"""The OVQ-attention PyTorch reference (the ground truth for the kernels): identities from the design doc."""
+"""The OVQ-attention PyTorch reference (the ground truth for the kernels): identities the README's
+"How OVQ-attention works here" states (full growth is causal softmax attention, decode reproduces the forward,
+counts sum to the tokens written, growth follows its formula)."""
 
 from __future__ import annotations
 

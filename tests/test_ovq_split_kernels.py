@@ -7,21 +7,17 @@ GPU the persistent kernel also runs with P > 1, its barrier included.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from ovq_kernel_inputs import ovq_inputs
+from triton_device import kernel_device
 
 from ovqprof.kernels.ovq import OVQConfig, active_after, ovq_chunked
 from ovqprof.layers.ovq import OVQAttention, OVQOptions
 from ovqprof.tolerances import rel_rms_error, tolerance_for
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run", allow_module_level=True)
+DEVICE = kernel_device()  # skips this module where the kernels cannot run
 
 from ovqprof.kernels.ovq.backward import ovq_backward_triton  # noqa: E402
 from ovqprof.kernels.ovq.backward_split import ovq_backward_split_triton  # noqa: E402

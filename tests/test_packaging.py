@@ -56,3 +56,12 @@ def test_installed_wheel_imports_both_subpackages(wheel, tmp_path):
     assert layers_file.startswith(str(target)) and kernels_file.startswith(str(target))
     assert no_top_level == "True"
     assert "softmax_attention" in types and "linear_attention" in types
+
+
+def test_fla_extra_is_fla_core_with_an_upper_bound(wheel):
+    # Only fla.ops is used: the full flash-linear-attention package would pull transformers 5 for its models.
+    metadata = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    lines = zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+    fla = [line for line in lines if line.startswith("Requires-Dist:") and 'extra == "fla"' in line]
+    assert len(fla) == 1 and fla[0].split()[1].startswith("fla-core"), fla
+    assert "<" in fla[0].split(";")[0], fla  # a tested minor version, not whatever comes next

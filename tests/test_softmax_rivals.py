@@ -52,13 +52,7 @@ TYPES = {"mla": MultiHeadLatentAttention, "cca": CompressedConvAttention, "ccgqa
          "bank_of_values": BankOfValues}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP stalls on shared cores (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def make(name, dtype=torch.float64, **extra):

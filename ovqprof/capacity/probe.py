@@ -1,10 +1,12 @@
 """The training-free associative-memory probe (`ovqprof capacity --method probe`).
 
 For each N in `pairs`, write N key-value pairs into a layer's core with `SequenceLayer.probe_memory`, query
-every stored key and score what comes back (see `shared/design/capacity.md`, section 1):
-- keys: `gaussian`, standard normal in R^dk; or `clustered`, CLUSTERS centres drawn standard normal per
-  head, each key sqrt(1 - s^2) * (a random centre) + s * noise with s = CLUSTER_NOISE (so every coordinate
-  still has variance 1 and two keys of one cluster have cosine about 1 - s^2 = 0.75);
+every stored key and score what comes back:
+- keys: `gaussian`, standard normal in R^dk (norm about sqrt(dk), what 1/sqrt(dk)-scaled attention
+  expects; layers that L2-normalise keys do it in their own probe_memory); or `clustered`, CLUSTERS centres
+  drawn standard normal per head, each key sqrt(1 - s^2) * (a random centre) + s * noise with
+  s = CLUSTER_NOISE (so every coordinate still has variance 1 and two keys of one cluster have cosine about
+  1 - s^2 = 0.75);
 - values standard normal in R^dv; dk = dv = the layer's head_dim unless `dims` is given;
 - `gap` filler pairs (same distributions) are written after the N pairs, before the reads;
 - the layer's heads are independent trials (B = 1), each with its own keys and values;
@@ -16,6 +18,13 @@ Metrics per N, averaged over heads, queries and seeds:
 - cosine: mean cosine(read, stored value); rel_error: mean ||read - v|| / ||v||.
 capacity@tau = the largest N with accuracy >= tau. Queries are read in blocks so that no call holds more
 than `block_elements` query x pair x head scores (default BLOCK_ELEMENTS by device type).
+
+What theory predicts (tests/test_capacity_probe.py holds the layers to the first four): softmax attention
+retrieves almost perfectly far beyond dk pairs. The plain linear memory S = sum_i v_i k_i^T reads key j as
+dk v_j plus crosstalk of variance (N - 1) dk per value coordinate, so its mean cosine is about
+1 / sqrt(1 + (N - 1) / dk) and top-1 retrieval among N values needs dk^2 of order N log N (arXiv 2605.05189).
+Positive feature maps (elu + 1) share a common direction and do far worse. OVQ with `growth: full` is exact
+while N <= dict_size and degrades beyond. An untrained static codebook (Transformer-VQ) is poor on random keys.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Timers: triton's do_bench (and its CUDA-graph variant) on GPU, repeated wall time on CPU.
 
-All times are milliseconds. Every timer warms up before timing (no first call is ever timed) and reports
-the median with the 20th and 80th percentiles, as `measurement.md` asks.
+All times are milliseconds. Every timer warms up before timing (a first call pays for compilation, Triton
+autotuning and allocator growth, so it is never timed) and reports the median with the 20th and 80th
+percentiles: do_bench's convention, robust to the occasional slow call of a shared machine while still
+showing the spread.
 """
 
 from __future__ import annotations
