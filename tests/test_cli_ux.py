@@ -363,3 +363,32 @@ def test_plot_styles_are_unique_per_series_coloured_by_family_and_highlight_ovq(
     assert len(keys) == len(styles)  # no two series look alike (issue: mha and ccgqa were both green)
     assert styles["mha"]["color"] == styles["gqa"]["color"] != styles["ccgqa"]["color"]
     assert all(styles[o]["linewidth"] > styles["mha"]["linewidth"] for o in ("ovq", "ovq_public", "ovq_full"))
+
+
+def test_plot_panels_hold_at_most_eight_series_whole_families_and_ovq_in_each():
+    from ovqprof.report.plots import MAX_SERIES_PER_PANEL, Palette, split_by_family
+
+    families = {"ovq": "ovq", "ovq_public": "ovq", "mha": "softmax", "gqa": "softmax", "mqa": "softmax",
+                "swa": "softmax", "linear": "linear", "gla": "gla", "ccgqa": "cca", "cca": "cca",
+                "mamba2": "mamba2", "delta_net": "delta_net", "retnet": "retnet", "mka": "mka", "fast_mka": "mka"}
+    order = Palette(list(families), families)
+    series = {label: {256: float(i + 1), 512: float(i + 2)} for i, label in enumerate(families)}
+    parts = split_by_family(series, order)
+    assert len(parts) > 1 and all(len(part) <= MAX_SERIES_PER_PANEL for part in parts)
+    assert all({"ovq", "ovq_public"} <= set(part) for part in parts)  # the reference in every panel
+    assert set().union(*parts) == set(series)  # no series dropped
+    others = [label for part in parts for label in part if families[label] != "ovq"]
+    assert sorted(others) == sorted(set(others))  # and none drawn twice
+    for family in ("softmax", "cca", "mka"):  # a family that fits stays in one panel
+        assert sum(any(families[label] == family for label in part) for part in parts) == 1
+    few = dict(list(series.items())[:5])
+    assert split_by_family(few, order) == [few]
+
+
+def test_coinciding_lines_are_named():
+    from ovqprof.report.plots import coinciding
+
+    series = {"a": {256: 1.0, 512: 2.0}, "b": {256: 1.0, 512: 2.001}, "c": {256: 1.0, 512: 3.0},
+              "d": {256: 1.0}, "e": {256: 1.0, 512: 3.0}}
+    assert coinciding(series) == [["a", "b"], ["c", "e"]]
+    assert coinciding({"a": {1: 1.0}, "b": {1: 1.5}}) == []

@@ -131,7 +131,9 @@ def test_report_from_real_sweep_and_capacity(cpu_sweep, tmp_path):
     text = report_text(out)
     linked = links(text)
     on_disk = sorted(p.name for p in out.glob("*.png"))
-    assert sorted(linked) == on_disk == sorted(PLOTS)
+    # one process's running RSS peak (no --isolate) is not comparable between layers: not plotted
+    assert sorted(linked) == on_disk == sorted(set(PLOTS) - {"memory.png"})
+    assert "Not plotted: one process's running RSS peaks are not comparable between layers" in text
     for name in linked:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC, name
@@ -140,7 +142,7 @@ def test_report_from_real_sweep_and_capacity(cpu_sweep, tmp_path):
     for seq in (256, 512):  # the winners the readings name, computed here from the rows
         assert f"at T={seq} {fastest(rows, 'fwd', seq, 'tokens_per_s', True)} is fastest" in text
         assert f"at T={seq} {fastest(rows, 'decode', seq, 'ms_median', False)} is fastest" in text
-    assert "Plotted column: mem_rss_peak_bytes" in text  # CPU: RSS, and the report says so
+    assert "Column: mem_rss_peak_bytes" in text  # CPU: RSS, and the report says so
     assert "Relative to the KV cache of mha" in text
     assert str(cpu_sweep) in text and str(capacity) in text  # sources
     assert "Every row has status ok." in text
@@ -238,6 +240,21 @@ def test_missing_capacity_rows_omit_their_plots(tmp_path):
     assert not (out / "recall.png").exists() and not (out / "pareto.png").exists()
     assert "recall.png" not in text and "pareto.png" not in text
     assert sorted(p.name for p in out.glob("*.png")) == sorted(links(text))
+
+
+def test_memory_is_plotted_only_from_isolated_rss_peaks(tmp_path):
+    rows = crossover_sweep()
+    for isolate, plotted in ((True, True), (False, False)):
+        out = tmp_path / f"r{isolate}"
+        path = write_json(tmp_path / f"s{isolate}.json", rows, {"device": "cpu", "isolate": isolate})
+        assert invoke_report([path], out).exit_code == 0
+        text = report_text(out)
+        assert (out / "memory.png").exists() is plotted
+        assert ("memory.png" in links(text)) is plotted
+        assert ("Not plotted" in text) is not plotted
+        # the reading is given either way
+        assert ("Plotted column: mem_rss_peak_bytes" in text) is plotted
+        assert ("Column: mem_rss_peak_bytes" in text) is not plotted
 
 
 def test_missing_sweep_rows_and_modes_omit_their_plots(tmp_path):

@@ -140,12 +140,17 @@ class Report:
         panels = {m: s for m, s in panels.items() if s}
         readable = {f"{m} ({group})" if group else m: s for m, series in panels.items()
                     for group, s in split_groups(series, self.groups).items()}
-        image = plots.lines_by_panel(panels, self.path("memory.png"), self.order, xlabel="sequence length T",
-                                     ylabel=f"peak memory ({column})", title="Peak memory", ybytes=True).name
         isolated = {f.header.get("isolate") for f in self.files if f.kind == "sweep"}
         missing = sum(r.get("status") == "ok" and r.get(column) is None for r in self.sweep)
         tail = f" {missing} successful rows have no {column} (e.g. from another device) and are not plotted." \
             if missing else ""
+        if column == "mem_rss_peak_bytes" and isolated != {True}:
+            # One process's running RSS peak depends on the cells before it: a plot would compare the order.
+            return Section(title, None, "Not plotted: one process's running RSS peaks are not comparable "
+                                        "between layers (sweep with --isolate for a fresh process per cell). "
+                           + memory_reading(readable, column, False if isolated == {False} else None, plotted=False))
+        image = plots.lines_by_panel(panels, self.path("memory.png"), self.order, xlabel="sequence length T",
+                                     ylabel=f"peak memory ({column})", title="Peak memory", ybytes=True).name
         return Section(title, image, memory_reading(readable, column, False if isolated == {False} else None) + tail)
 
     def state(self) -> Section:

@@ -6,6 +6,7 @@ and markers follow the label, so a layer looks the same in every plot of a repor
 
 from __future__ import annotations
 
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -28,6 +29,10 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 LINESTYLES = ("-", "--", "-.", ":")
 HIGHLIGHT_FAMILY = "ovq"  # OVQ variants are what a report is read for: drawn thicker, on top
+# More lines than this in one panel cannot be told apart, even with unique styles: the rest go to more panels.
+MAX_SERIES_PER_PANEL = 8
+COINCIDE_REL = 0.01  # lines closer than this everywhere are drawn over each other: named in a note instead
+NOTE_WIDTH = 60  # characters per line of that note, under a panel's title
 
 
 class Palette(list):
@@ -88,17 +93,66 @@ def _plain_log_ticks(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _figure(panels: int, width: float = PANEL_SIZE[0]) -> tuple[Figure, list]:
-    fig = Figure(figsize=(max(width * panels, 7.0), PANEL_SIZE[1]), layout="constrained")
+def _figure(panels: int, width: float = PANEL_SIZE[0], rows: int = 1) -> tuple[Figure, list]:
+    """A figure of `rows` x `panels` axes, returned row by row."""
+    fig = Figure(figsize=(max(width * panels, 7.0), PANEL_SIZE[1] * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    return fig, list(axes)
+    axes = fig.subplots(rows, panels, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
-def _lines(ax, series: Series, order: list[str]) -> None:
+def split_by_family(series: Series, order: list[str], limit: int = MAX_SERIES_PER_PANEL) -> list[Series]:
+    """`series` in parts of at most `limit` lines: whole families together where they fit (a family larger
+    than the room left is cut), OVQ's family in every part as the reference the report is read against."""
+    families = getattr(order, "families", {})
+    highlight = [label for label in series if families.get(label) == HIGHLIGHT_FAMILY]
+    if len(series) <= limit or len(highlight) >= limit:
+        return [series]
+    rest: dict[str, list[str]] = {}
+    for label in series:
+        if label not in highlight:
+            rest.setdefault(families.get(label, label), []).append(label)
+    room = limit - len(highlight)
+    parts: list[list[str]] = [[]]
+    for members in rest.values():
+        if parts[-1] and len(parts[-1]) + len(members) > room:
+            parts.append([])
+        for label in members:
+            if len(parts[-1]) == room:
+                parts.append([])
+            parts[-1].append(label)
+    return [{label: series[label] for label in highlight + part} for part in parts]
+
+
+def coinciding(series: Series, rel: float = COINCIDE_REL) -> list[list[str]]:
+    """Groups of labels whose lines lie on each other: the same x values and every y within `rel`."""
+    groups: list[list[str]] = []
+    for label, points in series.items():
+        for group in groups:
+            first = series[group[0]]
+            if set(first) == set(points) and all(
+                    abs(points[x] - first[x]) <= rel * max(abs(points[x]), abs(first[x])) for x in points):
+                group.append(label)
+                break
+        else:
+            groups.append([label])
+    return [group for group in groups if len(group) > 1]
+
+
+def _lines(ax, series: Series, order: list[str]) -> str:
+    """Draws one line per series; returns the note naming lines that lie on each other ("" if none), which
+    the caller puts under the panel's title (a note inside the axes would cover points)."""
     for label, points in series.items():
         xs = list(points)
         ax.plot(xs, [points[x] for x in xs], label=label, markersize=5, **{"linewidth": 1.6, **style(label, order)})
+    same = coinciding(series)
+    if not same:
+        return ""
+    return textwrap.fill("same line: " + "; ".join(" = ".join(g) for g in same), NOTE_WIDTH)
+
+
+def _title(ax, title: str, note: str) -> None:
+    ax.set_title(f"{title}\n{note}" if note else title, fontsize=10 if note else None)
 
 
 def _shared_legend(fig: Figure, axes: list) -> None:
@@ -125,17 +179,35 @@ def _seq_axis(ax, series: Series, log: bool = True) -> None:
         ax.minorticks_off()
 
 
+def _grid(panels: dict[str, Series], order: list[str]) -> tuple[Figure, list[tuple[object, str, Series]]]:
+    """One column per key of `panels`, each split into rows of at most MAX_SERIES_PER_PANEL series
+    (`split_by_family`). Returns the figure and (axes, panel name, series) per drawn panel; a column with
+    fewer parts than the tallest leaves its lower axes hidden."""
+    columns = {name: split_by_family(series, order) for name, series in panels.items()}
+    rows = max((len(parts) for parts in columns.values()), default=1)
+    fig, axes = _figure(len(panels), rows=rows)
+    cells: dict[int, tuple[str, Series]] = {}
+    for c, (name, parts) in enumerate(columns.items()):
+        for r, part in enumerate(parts):
+            numbered = f"{name} ({r + 1}/{len(parts)})".strip() if len(parts) > 1 else name
+            cells[r * len(panels) + c] = (numbered, part)
+    for i, ax in enumerate(axes):
+        ax.set_visible(i in cells)
+    return fig, [(axes[i], name, series) for i, (name, series) in sorted(cells.items())]
+
+
 def lines_by_panel(panels: dict[str, Series], path: Path, order: list[str], *, xlabel: str, ylabel: str,
                    title: str, ylog: bool = True, ybytes: bool = False) -> Path:
-    """One panel per key of `panels` (e.g. per mode), one line per series, log-log by default."""
-    fig, axes = _figure(len(panels))
-    for ax, (name, series) in zip(axes, panels.items(), strict=True):
+    """One panel per key of `panels` (e.g. per mode), one line per series, log-log by default; a panel with
+    more than MAX_SERIES_PER_PANEL series becomes a column of panels (`split_by_family`)."""
+    fig, cells = _grid(panels, order)
+    for ax, name, series in cells:
         values = [y for points in series.values() for y in points.values() if y > 0]
         # bytes on a log axis spanning less than 4x get too few ticks: plot them linear, in MiB, then
         linear_mib = ybytes and (not ylog or not values or max(values) < 4 * min(values))
         if linear_mib:
             series = {label: {x: y / 2**20 for x, y in points.items()} for label, points in series.items()}
-        _lines(ax, series, order)
+        note = _lines(ax, series, order)
         _seq_axis(ax, series)
         if ylog and not linear_mib:
             ax.set_yscale("log", base=2 if ybytes else 10)
@@ -145,24 +217,25 @@ def lines_by_panel(panels: dict[str, Series], path: Path, order: list[str], *, x
             ax.yaxis.set_major_formatter(FuncFormatter(_bytes_tick))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{ylabel}, MiB" if linear_mib else ylabel)
-        ax.set_title(f"{title}: {name}" if name else title)
+        _title(ax, f"{title}: {name}" if name else title, note)
         ax.grid(True, which="both", alpha=0.3)
-    _shared_legend(fig, axes)
+    _shared_legend(fig, [ax for ax, _name, _series in cells])
     return _finish(fig, path)
 
 
 def recall_plot(acc: Series, taus: list[float], path: Path, order: list[str]) -> Path:
-    fig, (ax,) = _figure(1)
-    _lines(ax, acc, order)
-    _seq_axis(ax, acc)
-    for tau in sorted(set(taus)):
-        ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("stored key-value pairs")
-    ax.set_ylabel("recall accuracy")
-    ax.set_title("Recall vs pairs")
-    ax.grid(True, which="both", alpha=0.3)
-    _shared_legend(fig, [ax])
+    fig, cells = _grid({"": acc}, order)
+    for ax, name, series in cells:
+        note = _lines(ax, series, order)
+        _seq_axis(ax, series)
+        for tau in sorted(set(taus)):
+            ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("stored key-value pairs")
+        ax.set_ylabel("recall accuracy")
+        _title(ax, f"Recall vs pairs {name}".strip(), note)
+        ax.grid(True, which="both", alpha=0.3)
+    _shared_legend(fig, [ax for ax, _name, _series in cells])
     return _finish(fig, path)
 
 

@@ -194,9 +194,9 @@ def state_reading(state: Series, kinds: dict[str, str]) -> str:
     return text.rstrip(";") + "."
 
 
-def memory_reading(panels: dict[str, Series], column: str, isolated: bool | None) -> str:
-    """Per mode: the lowest and highest peak at the longest length; and what the plotted column means."""
-    text = f"Plotted column: {column}."
+def memory_reading(panels: dict[str, Series], column: str, isolated: bool | None, plotted: bool = True) -> str:
+    """Per mode: the lowest and highest peak at the longest length; and what the column means."""
+    text = f"Plotted column: {column}." if plotted else f"Column: {column}."
     for mode, peak in panels.items():
         x = max(x for points in peak.values() for x in points)
         at_x = sorted((points[x], label) for label, points in peak.items() if x in points)
