@@ -4,6 +4,7 @@ the header, and `check` judging a slow-down against the slowest round and a spee
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -130,3 +131,25 @@ def test_baseline_repeats_measures_each_cell_that_many_rounds(tmp_path, one_thre
         assert row["ms_median"] == min(medians[(row["layer"], row["mode"], row["seq"], row["batch"])])
     bad = runner.invoke(app, ["baseline", "-p", str(spec), "--repeats", "0", "-o", str(base)])
     assert bad.exit_code == 2 and "--repeats 0" in bad.output
+
+
+# --- the committed CPU example the README points at ----------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parent.parent / "profiles" / "baselines" / "quick-mha-linear-cpu-example.json"
+
+
+def test_committed_cpu_example_baseline_is_a_three_round_baseline_that_checks_clean():
+    data = json.loads(EXAMPLE.read_text())
+    header, rows = data["header"], data["rows"]
+    assert header["baseline"]["rounds"] == 3 and header["device_type"] == "cpu"
+    medians = read_run_medians(header)
+    cells = {(r["layer"], r["mode"], r["seq"], r["batch"]) for r in rows if r["status"] == "ok"}
+    assert len(cells) == 18 and set(medians) == cells
+    assert all(len(medians[c]) == 3 for c in cells)
+    for r in rows:  # the row kept is the cell's median round
+        runs = sorted(medians[(r["layer"], r["mode"], r["seq"], r["batch"])])
+        assert r["ms_median"] == pytest.approx(runs[1])
+    # compared with itself (on any CPU: the device and versions are allowed to differ here) nothing moves
+    result = runner.invoke(app, ["check", "--baseline", str(EXAMPLE), "--current", str(EXAMPLE),
+                                 "--allow-version-change"])
+    assert result.exit_code == 0, result.output
+    assert "PASS: 18 unchanged" in result.output
