@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ovqprof.errors import FailedCellsError, InfrastructureError, UsageError
 from ovqprof.output import json_document, write_atomic
-from ovqprof.rows import FAILED_STATUSES, STATUSES, cell_key
+from ovqprof.rows import FAILED_STATUSES, cell_key, status_summary
 
 
 def device_slug(header: dict) -> str:
@@ -36,12 +36,15 @@ def default_path(profile_name: str, header: dict) -> Path:
     return Path(f"{profile_name}-{device_slug(header)}.json")
 
 
-def status_summary(rows: list[dict]) -> str:
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
-
-
 CPU_ROUNDS = 3  # rounds per cell on a CPU; a GPU's run-to-run spread is well under check's 10% threshold
+
+
+def rounds_for(repeats: int | None, device) -> int:
+    """--repeats, or its default for `device` (3 on a CPU, 1 on a GPU); UsageError below 1."""
+    rounds = repeats if repeats is not None else (CPU_ROUNDS if device.type == "cpu" else 1)
+    if rounds < 1:
+        raise UsageError(f"--repeats {rounds} is not valid. Allowed: an integer >= 1")
+    return rounds
 
 
 def measure_rounds(measure: Callable[[list], list[dict]], cells: list, rounds: int
@@ -134,3 +137,15 @@ def check_writable(path: Path, option: str = "--output") -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"{option} {path}: the directory {parent} does not exist or is not writable. Allowed: "
                          "a path in an existing, writable directory")
+
+
+def record_from(source: Path, output: Path | None, *, allow_failed: bool = False) -> str:
+    """`baseline --from`: record the rows of a finished JSON result (its header, its round medians if it has
+    them) at `output`, or at `<profile>-<device>.json`; returns the one-line summary."""
+    from ovqprof.check import load_results
+
+    header, rows = load_results(source, "--from")
+    output = output or default_path(Path(str(header.get("profile") or "results")).stem, header)
+    check_writable(output)
+    return record(output, header, rows, source=str(source), allow_failed=allow_failed,
+                  run_medians=read_run_medians(header))

@@ -207,12 +207,16 @@ def check_compatible(baseline: dict, current: dict, *, allow_version_change: boo
 
 
 def check_same_layers(baseline: dict, current_layers: list[dict] | None, names: set[str], where: str) -> None:
-    """UsageError when a layer compared in both runs was configured differently (dimensions, dtype, options):
-    its cells would measure another workload."""
+    """UsageError when a layer compared in both runs was configured differently (dimensions, dtype, options
+    with their defaults filled in, so a spec that spells out a default is the same workload): its cells would
+    measure another workload."""
+    from ovqprof.run import resolved_options
+
     if not current_layers or not baseline.get("layers"):
         return
-    old = {layer.get("name"): layer for layer in baseline["layers"] if isinstance(layer, dict)}
-    new = {layer.get("name"): layer for layer in current_layers}
+    old = {layer.get("name"): _comparable(layer, resolved_options) for layer in baseline["layers"]
+           if isinstance(layer, dict)}
+    new = {layer.get("name"): _comparable(layer, resolved_options) for layer in current_layers}
     for name in sorted(names & set(old) & set(new)):
         diff = [f"{k}: {old[name].get(k)!r} -> {new[name].get(k)!r}"
                 for k in sorted(set(old[name]) | set(new[name])) if old[name].get(k) != new[name].get(k)]
@@ -220,6 +224,13 @@ def check_same_layers(baseline: dict, current_layers: list[dict] | None, names: 
             raise UsageError(f"layer {name!r} in {where} is configured differently from the baseline's "
                              f"({'; '.join(diff)}), so its cells measure another workload. Allowed: the spec "
                              "the baseline was recorded with, or a re-recorded baseline")
+
+
+def _comparable(layer: dict, resolved_options) -> dict:
+    """A header layer flattened for comparison: its fields, the options resolved (`options.NAME` keys)."""
+    out = {k: v for k, v in layer.items() if k not in ("options", "resolved_options")}
+    out.update({f"options.{k}": v for k, v in resolved_options(layer).items()})
+    return out
 
 
 # --- comparison --------------------------------------------------------------------------------------------
@@ -488,36 +499,33 @@ class CheckOptions:
     fail_on_noisy: bool = False
 
 
-def _profile_runner(opts: CheckOptions, base_header: dict, names: set[str], notes: list[str]):
-    """A SpecRunner for the profile on this machine, after checking that this machine and the profile's
+def _profile_run(opts: CheckOptions, base_header: dict, names: set[str], notes: list[str]):
+    """The started run of the profile on this machine, after checking that this machine and the profile's
     layers match the baseline."""
-    from ovqprof.machine import machine_info, resolve_device
+    from ovqprof.machine import machine_info
+    from ovqprof.run import RunPlan, layer_record, spec_timing
+    from ovqprof.run_spec import resolve_run_device
     from ovqprof.spec import load_spec, resolve_profile
-    from ovqprof.sweep import SpecRunner
 
     spec = load_spec(resolve_profile(opts.profile))
-    name = opts.device or spec.defaults.device
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
-        raise UsageError(f"--device {name!r} is not valid. Allowed: auto, cpu, cuda, cuda:N")
-    try:
-        run_device = resolve_device(name)
-    except (ValueError, RuntimeError) as exc:
-        raise InfrastructureError(f"cannot measure on device {name!r}: {exc}. The baseline was measured on "
-                                  f"{base_header.get('device')!r}; run the check on such a machine") from exc
-    header = machine_info(run_device)
-    for note in check_compatible(base_header, header, allow_version_change=opts.allow_version_change,
+
+    def unavailable(name: str, exc: Exception) -> InfrastructureError:
+        return InfrastructureError(f"cannot measure on device {name!r}: {exc}. The baseline was measured on "
+                                   f"{base_header.get('device')!r}; run the check on such a machine")
+
+    run_device = resolve_run_device(spec, opts.device, unavailable)
+    machine = machine_info(run_device)
+    for note in check_compatible(base_header, machine, allow_version_change=opts.allow_version_change,
                                  current_name="this machine"):
         if note not in notes:
             notes.append(note)
-    check_same_layers(base_header, [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers],
-                      names, str(spec.file))
-    timing = {"warmup_ms": spec.sweep.warmup_ms, "rep_ms": spec.sweep.rep_ms, "check_seq": spec.sweep.check_seq}
+    check_same_layers(base_header, [layer_record(layer) for layer in spec.layers], names, str(spec.file))
+    timing = spec_timing(spec)
     if base_header.get("timing") not in (None, timing):
         notes.append(f"timing budgets differ from the baseline's ({base_header['timing']} -> {timing})")
-    isolate = run_device.type == "cuda" if opts.isolate is None else opts.isolate
-    if opts.cell_timeout_s is not None and not isolate:
-        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
-    return SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=opts.cell_timeout_s)
+    plan = RunPlan.build(spec, run_device, isolate=opts.isolate, cell_timeout_s=opts.cell_timeout_s,
+                         roofline=False)
+    return plan.start(machine)
 
 
 def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: None
@@ -543,38 +551,39 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
         notes += check_compatible(base_header, cur_header, allow_version_change=opts.allow_version_change,
                                   current_name=f"--current {opts.current}")
         check_same_layers(base_header, cur_header.get("layers"), names, f"--current {opts.current}")
-    runner = _profile_runner(opts, base_header, names, notes) if opts.profile is not None else None
+    run = _profile_run(opts, base_header, names, notes) if opts.profile is not None else None
 
     def remeasure(keys: list[tuple]) -> list[dict]:
-        assert runner is not None
-        cells, unknown = cells_for_keys(runner.spec, keys)
+        assert run is not None
+        spec = run.plan.spec
+        cells, unknown = cells_for_keys(spec, keys)
         if unknown and not cells:
-            raise UsageError(f"{runner.spec.file} has none of the baseline's layers ({', '.join(sorted(names))}). "
+            raise UsageError(f"{spec.file} has none of the baseline's layers ({', '.join(sorted(names))}). "
                              "Allowed: the spec the baseline was recorded with")
         if unknown:
             notes.append(f"{len(unknown)} cell(s) not measured: layer(s) "
-                         f"{', '.join(sorted({k[0] for k in unknown}))} not in {runner.spec.file}")
-        log(f"measuring {len(cells)} cell(s) with {runner.spec.file} on {runner.header.get('device')}")
+                         f"{', '.join(sorted({k[0] for k in unknown}))} not in {spec.file}")
+        log(f"measuring {len(cells)} cell(s) with {spec.file} on {run.header.machine.get('device')}")
         from ovqprof.progress import CellProgress, cell_budget_s
 
         try:
-            with CellProgress(len(cells), quiet=opts.quiet, budget_s=cell_budget_s(runner.spec)) as progress:
-                return runner.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
+            with CellProgress(len(cells), quiet=opts.quiet, budget_s=cell_budget_s(spec)) as progress:
+                return run.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
         except OSError as exc:  # a worker process that cannot start, a vanished device node
             raise InfrastructureError(f"cannot run the measurement ({exc.strerror or exc}); "
                                       f"{len(cells)} cell(s) were to be measured") from None
 
     if cur_rows is None:
-        assert runner is not None
+        assert run is not None
         cur_rows = remeasure([cell_key(r) for r in base_rows if r["status"] == "ok"])
-        cur_header = runner.header
+        cur_header = run.header.as_dict()
     repeats = opts.repeats
     if repeats is None:
-        repeats = CPU_REPEATS if runner is not None and runner.run_device.type == "cpu" else 1
+        repeats = CPU_REPEATS if run is not None and run.plan.device.type == "cpu" else 1
     from ovqprof.baseline import read_run_medians
 
     report, cur_rows = run_check(base_rows, cur_rows, opts.thresholds,
-                                 remeasure=remeasure if runner is not None else None, repeats=repeats,
+                                 remeasure=remeasure if run is not None else None, repeats=repeats,
                                  fail_on_missing=opts.fail_on_missing, fail_on_noisy=opts.fail_on_noisy,
                                  notes=notes, base_runs=read_run_medians(base_header))
     if opts.output is not None:

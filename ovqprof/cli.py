@@ -6,19 +6,17 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from ovqprof.errors import OvqprofError, SpecError, UsageError
+from ovqprof.errors import OvqprofError, UsageError
 from ovqprof.output import (
     FORMATS,
     SWEEP_LAYOUT,
@@ -28,7 +26,8 @@ from ovqprof.output import (
     select_columns,
 )
 from ovqprof.progress import CellProgress, cell_budget_s
-from ovqprof.rows import FAILED_STATUSES, MODES, STATUSES
+from ovqprof.rows import STATUSES
+from ovqprof.run_spec import default_profile, load_run_spec, split_list
 
 app = typer.Typer(
     help="Profile attention-like layers (OVQ-attention and its rivals): speed, memory and recall capacity.",
@@ -65,71 +64,6 @@ def user_errors(fn):
     return wrapper
 
 
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _apply_overrides(spec, seq, modes, batch, layers, device):
-    from ovqprof.ranges import parse_seq_range
-
-    sweep = spec.sweep
-    if seq is not None:
-        try:
-            sweep = sweep.replace(seq=tuple(parse_seq_range(seq)))
-        except UsageError as exc:
-            raise UsageError(f"--seq: {exc}") from None
-    if modes is not None:
-        wanted = _split_list(modes)
-        bad = [m for m in wanted if m not in MODES]
-        if bad or not wanted:
-            raise UsageError(f"--modes {modes!r} is not valid. Allowed: a comma list of {', '.join(MODES)}")
-        sweep = sweep.replace(modes=tuple(dict.fromkeys(wanted)))
-    if batch is not None:
-        try:
-            values = tuple(int(b) for b in _split_list(batch))
-        except ValueError:
-            values = ()
-        if not values or min(values) < 1:
-            raise UsageError(f"--batch {batch!r} is not valid. Allowed: a comma list of integers >= 1")
-        sweep = sweep.replace(batch=values)
-    chosen = spec.layers
-    if layers is not None:
-        names = _split_list(layers)
-        known = [layer.name for layer in spec.layers]
-        unknown = [n for n in names if n not in known]
-        if unknown or not names:
-            raise UsageError(f"--layers {layers!r}: unknown layer name(s) {unknown} in {spec.file}. "
-                             f"Allowed: {', '.join(known)}")
-        chosen = tuple(layer for layer in spec.layers if layer.name in names)
-    spec = spec.replace(sweep=sweep, layers=chosen)
-    if device is not None:
-        spec = spec.replace(defaults=spec.defaults.replace(device=device))
-    return spec
-
-
-def _resolve_run_device(spec, device_override: str | None):
-    from ovqprof.machine import resolve_device
-
-    name = device_override or spec.defaults.device
-    try:
-        return resolve_device(name)
-    except (ValueError, RuntimeError) as exc:
-        field = "--device" if device_override else "defaults.device"
-        raise SpecError(f"device {name!r} cannot be used: {exc}", file=None if device_override else spec.file,
-                        field=field, allowed="auto, cpu, cuda, cuda:N for a visible GPU (or pass --device cpu)",
-                        show_value=False) from exc
-
-
-def _default_profile() -> tuple[str, str]:
-    import torch
-
-    if torch.cuda.is_available():
-        return "default", "a GPU is visible"
-    return "quick", "no GPU is visible"
-
-
 def _resume_command(output: Path) -> str:
     """This command line with --output/--resume replaced by `--resume output`."""
     args, skip = [], False
@@ -144,10 +78,6 @@ def _resume_command(output: Path) -> str:
             continue
         args.append(shlex.quote(arg))
     return " ".join(["ovqprof", *args, "--resume", shlex.quote(str(output))])
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _warn_shared_gpu(header: dict) -> None:
@@ -190,99 +120,94 @@ def sweep(
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
     from ovqprof.devices import devices_option
     from ovqprof.machine import machine_info
-    from ovqprof.resume import done_cells, read_rows
-    from ovqprof.sweep import plan_cells, run_sweep, start_run
+    from ovqprof.run import RunPlan, interruptible, kept_rows
 
-    if format not in FORMATS:
-        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
-    select_columns(SWEEP_LAYOUT, _split_list(columns))  # before any measurement
+    _check_format(format, FORMATS)
+    select_columns(SWEEP_LAYOUT, split_list(columns))  # before any measurement
     device, slots = devices_option(devices, device)
-    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
-    header = machine_info(run_device)
-    existing: list[dict] = []
-    if resume is not None:
-        if output is not None and output.resolve() != resume.resolve():
-            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
-                             "(rows are appended to FILE)")
-        format, existing, old_header = read_rows(resume)
-        output = resume
-        if old_header and old_header.get("device") != header["device"]:
-            raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
-                             "device; its rows cannot be mixed with new ones. Allowed: a result file from "
-                             "this device, or a new --output file")
+    spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
+    machine = machine_info(run_device)
+    output, format, existing = _sweep_resume(resume, output, format, machine)
     if output is not None:
         check_output_writable(output)
     if trace_dir is not None:
         check_trace_dir(trace_dir)
-    isolate = _isolation(isolate, cell_timeout, run_device, slots)
-
-    settings = start_run(spec, run_device, header, roofline=roofline, isolate=isolate, slots=slots)
+    plan = RunPlan.build(spec, run_device, isolate=isolate, cell_timeout_s=cell_timeout, roofline=roofline,
+                         slots=slots)
+    run = plan.start(machine)
+    header = run.header.as_dict()
     _warn_shared_gpu(header)
+    cells = _cells_to_run(spec, resume, existing)
+    writer = RowWriter(format, output, header, existing_rows=existing, columns=split_list(columns))
+    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=plan.workers)
+    progress.header(run_header_lines(header))
+    rows: list[dict] = []
+    with interruptible(_log, *kept_rows(rows, output, _resume_command, total=len(cells))), writer, progress:
+        def on_row(row: dict) -> None:
+            writer.write(row)
+            rows.append(row)
+            progress.row_finished(row)
+
+        run.measure(cells, on_start=progress.cell_started, on_row=on_row)
+    if trace_dir is not None:
+        _trace_ok_cells(cells, rows, str(run_device), trace_dir)
+    _finish(rows, output, "cells")
+
+
+def _sweep_resume(resume: Path | None, output: Path | None, format: str, machine: dict):
+    """(output, format, rows already there): --resume FILE appends to FILE in its own format, and only when
+    FILE was measured on this device."""
+    from ovqprof.resume import read_rows
+
+    if resume is None:
+        return output, format, []
+    _check_resume_output(resume, output)
+    format, existing, old_header = read_rows(resume)
+    if old_header and old_header.get("device") != machine["device"]:
+        raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
+                         "device; its rows cannot be mixed with new ones. Allowed: a result file from "
+                         "this device, or a new --output file")
+    return resume, format, existing
+
+
+def _cells_to_run(spec, resume: Path | None, existing: list[dict]):
+    """The spec's cells, less those already in the --resume file."""
+    from ovqprof.resume import done_cells
+    from ovqprof.sweep import plan_cells
+
     cells = plan_cells(spec)
     if resume is not None:
         done = done_cells(existing)
         cells = [c for c in cells if c.key not in done]
-        err_console.print(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    writer = RowWriter(format, output, header, existing_rows=existing, columns=_split_list(columns))
-    rows: list[dict] = []
-    progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=len(slots) if slots else 1)
-    progress.header(run_header_lines(header))
-    try:
-        with writer, progress:
-            def on_row(row: dict) -> None:
-                writer.write(row)
-                rows.append(row)
-                progress.row_finished(row)
+        _log(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
+    return cells
 
-            run_sweep(cells, settings, on_row, isolate=isolate, cell_timeout_s=cell_timeout,
-                      on_start=progress.cell_started, slots=slots)
-    except KeyboardInterrupt:
-        if output is None:
-            how = "Write rows to a file with --output FILE to be able to resume."
-        else:
-            how = f"Resume with: {_resume_command(output)}"
-        where = f" in {output}" if output else ""
-        err_console.print(f"interrupted: {len(rows)} of {len(cells)} rows finished and kept{where}. {how}")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except OSError as exc:  # disk full or the output vanished mid-sweep: say so, keep what was written
-        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} of "
-                    f"{len(cells)} rows were finished before the failure. Free space or choose another "
-                    "--output, then continue with --resume.", EXIT_INFRASTRUCTURE) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if trace_dir is not None:
-        _trace_ok_cells(cells, rows, str(run_device), trace_dir)
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+def _check_resume_output(resume: Path, output: Path | None) -> None:
+    if output is not None and output.resolve() != resume.resolve():
+        raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
+                         "(rows are appended to FILE)")
+
+
+def _check_format(format: str, allowed) -> None:
+    if format not in allowed:
+        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(allowed)}")
+
+
+def _finish(rows: list[dict], output: Path | None, what: str, statuses: tuple[str, ...] | None = None) -> None:
+    """Say where the rows went and how they ended; exit 1 when any failed (error, check_failed, timeout)."""
+    from ovqprof.rows import any_failed, status_summary
+
+    text = status_summary(rows, statuses or STATUSES)
     if output is not None:
-        err_console.print(f"wrote {len(rows)} rows to {output} ({summary})")
-    if any(r["status"] in FAILED_STATUSES for r in rows):
-        err_console.print(f"[red]some cells failed[/] ({summary}); see the status and note columns")
+        err_console.print(f"wrote {len(rows)} rows to {output} ({text})", markup=False)
+    if any_failed(rows):
+        err_console.print(f"[red]some {what} failed[/] ({text}); see the status and note columns")
         raise typer.Exit(EXIT_FAILED_ROWS)
 
 
-def _isolation(isolate: bool | None, cell_timeout: float | None, run_device, slots) -> bool:
-    """Whether cells run in worker processes: as asked, else on for GPU; always with several --devices."""
-    if slots and isolate is False:
-        raise UsageError("--no-isolate with several --devices: each device's cells run in their own worker "
-                         "processes. Allowed: --devices with --isolate (the default), or one --device")
-    if isolate is None:
-        isolate = bool(slots) or run_device.type == "cuda"
-    if cell_timeout is not None and not isolate:
-        raise UsageError("--cell-timeout needs --isolate (a cell in this process cannot be stopped safely)")
-    return isolate
-
-
-def _load_run_spec(profile, seq, modes, batch, layers, device):
-    """The spec (profile, or the default one for this machine, with command-line overrides) and its device."""
-    from ovqprof.spec import load_spec, resolve_profile
-
-    if profile is None:
-        profile, why = _default_profile()
-        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
-    spec = _apply_overrides(load_spec(resolve_profile(profile)), seq, modes, batch, layers, device)
-    return spec, _resolve_run_device(spec, device)
+def _log(text: str) -> None:
+    err_console.print(text, markup=False)
 
 
 @app.command()
@@ -315,59 +240,32 @@ def capacity(
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Recall capacity: accuracy against stored pairs N, and capacity@tau, for every layer of a spec."""
-    from ovqprof.capacity.command import CapacityRequest, check_method, run_capacity, summary
+    from ovqprof.capacity.command import CapacityRequest, check_method, run_capacity
+    from ovqprof.capacity.rows import STATUSES as CAPACITY_STATUSES
     from ovqprof.machine import machine_info
+    from ovqprof.run import interruptible, kept_rows
 
-    if format not in FORMATS:
-        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    _check_format(format, FORMATS)
     check_method(method)
     if profile is None:
-        default, why = _default_profile()
+        default, why = default_profile()
         profile = "capacity" if default == "default" else "capacity-quick"
-        err_console.print(f"no --profile given: using {profile}.yaml ({why})")
-    spec, run_device = _load_run_spec(profile, None, None, None, layers, device)
+        _log(f"no --profile given: using {profile}.yaml ({why})")
+    spec, run_device = load_run_spec(profile, None, None, None, layers, device, _log)
     if resume is not None:
         from ovqprof.resume import resume_format
 
-        if output is not None and output.resolve() != resume.resolve():
-            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
-                             "(rows are appended to FILE)")
+        _check_resume_output(resume, output)
         output, format = resume, resume_format(resume)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=not quiet,
                               layers_from_cli=layers is not None, resume=resume is not None,
-                              columns=_split_list(columns))
+                              columns=split_list(columns))
     rows: list[dict] = []
-    with _keeping_rows(rows, output, "Free space or choose another --output."):
-        run_capacity(spec, run_device, machine_info(run_device), request, rows,
-                     log=lambda text: err_console.print(text, markup=False))
-    text, failed = summary(rows)
-    if output is not None:
-        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
-    if failed:
-        err_console.print(f"[red]some rows failed[/] ({text}); see the status and note columns")
-        raise typer.Exit(EXIT_FAILED_ROWS)
-
-
-@contextlib.contextmanager
-def _keeping_rows(rows: list[dict], output: Path | None, after_write_error: str):
-    """Run a command that appends finished rows to `rows` (and to `output`): SIGTERM as Ctrl-C; an interrupt
-    says how many rows were kept and how to resume (exit 130); a write error is exit 4 naming the rows
-    finished before it, then `after_write_error` (what to do)."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        yield
-    except KeyboardInterrupt:
-        where = f" in {output}" if output else ""
-        how = (f"Resume with: {_resume_command(output)}" if output is not None else
-               "Write rows to a file with --output FILE to be able to resume.")
-        err_console.print(f"interrupted: {len(rows)} rows finished and kept{where}. {how}", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except OSError as exc:
-        raise _fail(f"cannot write results to {output or 'stdout'} ({exc.strerror or exc}); {len(rows)} rows "
-                    f"were finished before the failure. {after_write_error}", EXIT_INFRASTRUCTURE) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    messages = kept_rows(rows, output, _resume_command, after_write_error="Free space or choose another --output.")
+    with interruptible(_log, *messages):
+        run_capacity(spec, run_device, machine_info(run_device), request, rows, log=_log)
+    _finish(rows, output, "rows", CAPACITY_STATUSES)
 
 
 @app.command("distributed")
@@ -396,35 +294,28 @@ def distributed_cmd(
 ) -> None:
     """Decode with the KV cache sharded over R ranks (torch.distributed): tree, ring and all-gather
     attention, one row per (world size, strategy, context), with OVQ's single-device step beside them."""
-    from ovqprof.distributed.command import DistributedRequest, run_distributed, summary
+    from ovqprof.distributed.command import DistributedRequest, run_distributed
+    from ovqprof.distributed.rows import STATUSES as DISTRIBUTED_STATUSES
     from ovqprof.distributed.rows import layout
     from ovqprof.machine import machine_info
+    from ovqprof.run import interruptible, kept_rows
 
-    if format not in FORMATS:
-        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
-    select_columns(layout(), _split_list(columns))
-    spec, run_device = _load_run_spec(profile, None, None, None, None, "cpu")
+    _check_format(format, FORMATS)
+    select_columns(layout(), split_list(columns))
+    spec, run_device = load_run_spec(profile, None, None, None, None, "cpu", _log)
     if resume is not None:
         from ovqprof.resume import resume_format
 
-        if output is not None and output.resolve() != resume.resolve():
-            raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
-                             "(rows are appended to FILE)")
+        _check_resume_output(resume, output)
         output, format = resume, resume_format(resume)
     request = DistributedRequest(world_sizes=world_size, strategies=strategy, seq=seq, backend=backend,
                                  cell_timeout_s=cell_timeout, collective_timeout_s=collective_timeout,
                                  format=format, output=output, resume=resume is not None,
-                                 columns=_split_list(columns), show_progress=not quiet)
+                                 columns=split_list(columns), show_progress=not quiet)
     rows: list[dict] = []
-    with _keeping_rows(rows, output, "Free space or choose another --output, then continue with --resume."):
-        run_distributed(spec, machine_info(run_device), request, rows,
-                        log=lambda text: err_console.print(text, markup=False))
-    text, failed = summary(rows)
-    if output is not None:
-        err_console.print(f"wrote {len(rows)} rows to {output} ({text})")
-    if failed:
-        err_console.print(f"[red]some cells failed[/] ({text}); see the status and note columns")
-        raise typer.Exit(EXIT_FAILED_ROWS)
+    with interruptible(_log, *kept_rows(rows, output, _resume_command)):
+        run_distributed(spec, machine_info(run_device), request, rows, log=_log)
+    _finish(rows, output, "cells", DISTRIBUTED_STATUSES)
 
 
 @app.command("baseline")
@@ -458,59 +349,48 @@ def baseline_cmd(
 ) -> None:
     """Record a baseline for `ovqprof check`: a sweep's rows with the machine header, as JSON."""
     from ovqprof import baseline as recording
-    from ovqprof.check import load_results
-    from ovqprof.devices import devices_option
-    from ovqprof.machine import machine_info
-    from ovqprof.sweep import SpecRunner, plan_cells
 
     if from_file is not None:
-        given = [name for name, value in (("--profile", profile), ("--seq", seq), ("--modes", modes),
-                                          ("--batch", batch), ("--layers", layers), ("--device", device),
-                                          ("--devices", devices), ("--isolate", isolate),
-                                          ("--cell-timeout", cell_timeout), ("--repeats", repeats))
-                 if value is not None]
-        if given:
-            raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
-                             "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
-        header, rows = load_results(from_file, "--from")
-        output = output or recording.default_path(Path(str(header.get("profile") or "results")).stem, header)
-        recording.check_writable(output)
-        err_console.print(recording.record(output, header, rows, source=str(from_file), allow_failed=allow_failed,
-                                           run_medians=recording.read_run_medians(header)), markup=False)
+        _refuse_with_from(from_file, {"--profile": profile, "--seq": seq, "--modes": modes, "--batch": batch,
+                                      "--layers": layers, "--device": device, "--devices": devices,
+                                      "--isolate": isolate, "--cell-timeout": cell_timeout, "--repeats": repeats})
+        _log(recording.record_from(from_file, output, allow_failed=allow_failed))
         return
+    from ovqprof.devices import devices_option
+    from ovqprof.machine import machine_info
+    from ovqprof.run import RunPlan, interruptible
+    from ovqprof.sweep import plan_cells
+
     device, slots = devices_option(devices, device)
-    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
-    header = machine_info(run_device)
-    output = output or recording.default_path(spec.name, header)
+    spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
+    machine = machine_info(run_device)
+    output = output or recording.default_path(spec.name, machine)
     recording.check_writable(output)
-    isolate = _isolation(isolate, cell_timeout, run_device, slots)
-    runner = SpecRunner(spec, run_device, header, isolate=isolate, cell_timeout_s=cell_timeout,
-                        roofline=roofline, slots=slots)
+    plan = RunPlan.build(spec, run_device, isolate=isolate, cell_timeout_s=cell_timeout, roofline=roofline,
+                         slots=slots)
     cells = plan_cells(spec)
-    rounds = repeats if repeats is not None else (recording.CPU_ROUNDS if run_device.type == "cpu" else 1)
-    if rounds < 1:
-        raise UsageError(f"--repeats {rounds} is not valid. Allowed: an integer >= 1")
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    progress = CellProgress(rounds * len(cells), quiet=quiet, budget_s=cell_budget_s(spec),
-                            workers=len(slots) if slots else 1)
-    try:
-        runner.start()  # peaks and run-wide notes (shared CPU cores) belong in the header printed below
+    rounds = recording.rounds_for(repeats, run_device)
+    progress = CellProgress(rounds * len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=plan.workers)
+    with interruptible(_log, lambda: f"interrupted: no baseline written to {output}",
+                       lambda exc: f"cannot run the measurement ({exc.strerror or exc}); no baseline written."):
+        run = plan.start(machine)  # peaks and run-wide notes (shared CPU cores) belong in the header below
+        header = run.header.as_dict()
         progress.header(run_header_lines(header))
         with progress:
             rows, medians = recording.measure_rounds(
-                lambda todo: runner.measure(todo, on_start=progress.cell_started, on_row=progress.row_finished),
+                lambda todo: run.measure(todo, on_start=progress.cell_started, on_row=progress.row_finished),
                 cells, rounds)
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted: no baseline written to {output}", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except OSError as exc:
-        raise _fail(f"cannot run the measurement ({exc.strerror or exc}); no baseline written.",
-                    EXIT_INFRASTRUCTURE) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     _warn_shared_gpu(header)
-    err_console.print(recording.record(output, header, rows, source=f"sweep of {spec.file}",
-                                       allow_failed=allow_failed, run_medians=medians), markup=False)
+    _log(recording.record(output, header, rows, source=f"sweep of {spec.file}", allow_failed=allow_failed,
+                          run_medians=medians))
+
+
+def _refuse_with_from(from_file: Path, flags: dict) -> None:
+    """`baseline --from FILE` records rows already measured: a measuring flag beside it is a usage error."""
+    given = [name for name, value in flags.items() if value is not None]
+    if given:
+        raise UsageError(f"--from {from_file} records rows already measured; {', '.join(given)} would "
+                         "change nothing. Allowed: --from FILE with --output, or a sweep's options without --from")
 
 
 @app.command("check")
@@ -550,6 +430,7 @@ def check_cmd(
 ) -> None:
     """Compare a run with a baseline (exit 0 pass, 1 regression, 2 usage, 3 other device or versions, 4 infra)."""
     from ovqprof.check import REPORT_FORMATS, CheckOptions, Thresholds, check_command, render_report
+    from ovqprof.run import interruptible
 
     if format not in REPORT_FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(REPORT_FORMATS)}")
@@ -558,14 +439,9 @@ def check_cmd(
         cell_timeout_s=cell_timeout, fail_on_missing=fail_on_missing, allow_version_change=allow_version_change,
         thresholds=Thresholds.parse(threshold, layer_threshold or [], mode_threshold or [], min_delta_ms),
         output=output, quiet=quiet, repeats=repeats, fail_on_noisy=fail_on_noisy)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        report, base_header = check_command(opts, log=lambda text: err_console.print(text, markup=False))
-    except KeyboardInterrupt:
-        err_console.print("interrupted: no check result")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interruptible(_log, lambda: "interrupted: no check result",
+                       lambda exc: f"cannot run the check ({exc.strerror or exc}); no check result."):
+        report, base_header = check_command(opts, log=_log)
     typer.echo(render_report(report, format, baseline, base_header), nl=False)
     colour = "red" if report.exit_code else "green"
     err_console.print(f"[bold {colour}]check {report.summary()}[/]")
@@ -595,7 +471,7 @@ def trace(
 
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
-    spec, run_device = _load_run_spec(profile, seq, modes, batch, layers, device)
+    spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device)
     if seq is None:
         spec = spec.replace(sweep=spec.sweep.replace(seq=(max(spec.sweep.seq),)))
     if batch is None:

@@ -55,3 +55,14 @@ def empty_row(**known: object) -> dict:
 def cell_key(row: dict) -> tuple:
     """Identity of a cell: (layer, mode, seq, batch)."""
     return (row["layer"], row["mode"], int(row["seq"]), int(row["batch"]))
+
+
+def status_summary(rows: list[dict], statuses: tuple[str, ...] = STATUSES) -> str:
+    """'3 ok, 1 skipped' (in the order of `statuses`: a command's own, e.g. capacity's), or 'no rows'."""
+    counts = {s: sum(r.get("status") == s for r in rows) for s in statuses}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
+
+
+def any_failed(rows: list[dict]) -> bool:
+    """Whether a row failed (error, check_failed, timeout); oom and skipped are results."""
+    return any(r.get("status") in FAILED_STATUSES for r in rows)

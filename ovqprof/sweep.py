@@ -2,21 +2,17 @@
 
 Cells run in spec order: layer, then mode, then batch, then sequence length; with several worker slots
 (`--devices`, `ovqprof.pool`) they run concurrently and rows come in the order they finish. A failing cell is
-a row; the sweep goes on. KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI) stops after the rows
-already written.
+a row; the sweep goes on. KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by `ovqprof.run.interruptible`)
+stops after the rows already written. `ovqprof.run.Run.measure` is how commands call `run_sweep`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
-
-import torch
 
 from ovqprof.cell import Cell, CellSettings, measure_cell
 from ovqprof.devices import WorkerSlot
-from ovqprof.rows import NOTE_CPU_MEMORY, NOTE_NO_PEAKS
-from ovqprof.spec import Spec, profile_label, torch_dtype
+from ovqprof.spec import Spec
 from ovqprof.worker import measure_cell_isolated
 
 
@@ -44,33 +40,6 @@ def cells_for_keys(spec: Spec, keys: list[tuple]) -> tuple[list[Cell], list[tupl
     return cells, unknown
 
 
-def start_run(spec: Spec, run_device: torch.device, header: dict, *, roofline: bool,
-              isolate: bool, slots: list[WorkerSlot] | None = None) -> CellSettings:
-    """Complete `header` (from `machine_info(run_device)`) with the run's date, profile, layer specs, timing
-    budgets, device peaks (measured here when `roofline`), worker slots (`devices`, when several) and run-wide
-    notes; return the cell settings."""
-    from ovqprof.measure.peaks import measure_peaks
-
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  profile=profile_label(spec.file), isolate=isolate)
-    # What was measured, so a later `ovqprof check` can tell whether the same layers are being compared.
-    header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
-    header["timing"] = {"warmup_ms": spec.sweep.warmup_ms, "rep_ms": spec.sweep.rep_ms,
-                        "check_seq": spec.sweep.check_seq}
-    peaks = {}
-    if roofline:
-        for dtype_name in sorted({layer.dtype for layer in spec.layers}):
-            peaks[dtype_name] = measure_peaks(run_device, torch_dtype(dtype_name))
-    header["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
-    header["notes"] = [note for note, applies in ((NOTE_CPU_MEMORY, run_device.type != "cuda"),
-                                                  (NOTE_NO_PEAKS, not roofline)) if applies]
-    if slots:
-        header["devices"] = [slot.label for slot in slots]
-        header["notes"] += list(dict.fromkeys(slot.note for slot in slots if slot.note))
-    return CellSettings(device=str(run_device), warmup_ms=spec.sweep.warmup_ms, rep_ms=spec.sweep.rep_ms,
-                        check_seq=spec.sweep.check_seq, peaks=peaks)
-
-
 def run_sweep(cells: list[Cell], settings: CellSettings, on_row: Callable[[dict], None], *,
               isolate: bool = False, cell_timeout_s: float | None = None,
               on_start: Callable[..., None] | None = None, slots: list[WorkerSlot] | None = None) -> list[dict]:
@@ -92,30 +61,3 @@ def run_sweep(cells: list[Cell], settings: CellSettings, on_row: Callable[[dict]
         on_row(row)
         rows.append(row)
     return rows
-
-
-class SpecRunner:
-    """Measures cells of one spec on one device for commands that need rows, not a file (`baseline`,
-    `check`), on several worker slots when given. `header` starts as `machine_info(run_device)`; the first
-    `measure` completes it (`start_run`)."""
-
-    def __init__(self, spec: Spec, run_device: torch.device, header: dict, *, isolate: bool,
-                 cell_timeout_s: float | None = None, roofline: bool = False,
-                 slots: list[WorkerSlot] | None = None):
-        self.spec, self.run_device, self.header = spec, run_device, header
-        self.isolate, self.cell_timeout_s, self.roofline = isolate, cell_timeout_s, roofline
-        self.slots = slots
-        self.settings: CellSettings | None = None
-
-    def start(self) -> CellSettings:
-        """Complete the header (peaks, notes) once, before the first cell; `measure` calls it too."""
-        if self.settings is None:
-            self.settings = start_run(self.spec, self.run_device, self.header, roofline=self.roofline,
-                                      isolate=self.isolate, slots=self.slots)
-        return self.settings
-
-    def measure(self, cells: list[Cell], on_start: Callable[..., None] | None = None,
-                on_row: Callable[[dict], None] | None = None) -> list[dict]:
-        self.start()
-        return run_sweep(cells, self.settings, on_row or (lambda row: None), isolate=self.isolate,
-                         cell_timeout_s=self.cell_timeout_s, on_start=on_start, slots=self.slots)

@@ -15,7 +15,7 @@ from ovqprof.check import Thresholds, compare_cell, run_check
 from ovqprof.cli import app
 from ovqprof.output import json_document
 from ovqprof.rows import cell_key, empty_row
-from ovqprof.sweep import SpecRunner
+from ovqprof.run import Run
 
 runner = CliRunner()
 
@@ -427,7 +427,7 @@ def test_a_measurement_that_cannot_run_is_exit_4(tmp_path, monkeypatch):
     def no_workers(self, cells, on_start=None, on_row=None):
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(SpecRunner, "measure", no_workers)
+    monkeypatch.setattr(Run, "measure", no_workers)
     result = runner.invoke(app, ["check", "--baseline", str(base), "--profile", str(spec)])
     assert result.exit_code == 4, result.output
     assert "cannot run the measurement (Too many open files)" in result.stderr

@@ -17,12 +17,10 @@ from pydantic import ValidationError
 
 from ovqprof.capacity.rows import (
     COLUMNS,
-    FAILED_STATUSES,
     FLOAT_COLUMNS,
     INT_COLUMNS,
     INTERRUPTED_NOTE,
     METHODS,
-    STATUSES,
     layout,
 )
 from ovqprof.capacity.settings import KEY_KINDS, PAIRS_FORMS, ProbeSettings
@@ -215,10 +213,3 @@ def resume_rows(path: Path, method: str) -> tuple[list[dict], frozenset]:
             for row in kept:
                 writer.write(row)
     return kept, frozenset(r["layer"] for r in kept)
-
-
-def summary(rows: list[dict]) -> tuple[str, bool]:
-    """("3 ok, 1 skipped", whether any row failed)."""
-    counts = {s: sum(r.get("status") == s for r in rows) for s in STATUSES}
-    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
-    return text, any(r.get("status") in FAILED_STATUSES for r in rows)

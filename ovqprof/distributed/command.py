@@ -22,10 +22,8 @@ from ovqprof.distributed.cost import available_memory_bytes, peak_bytes_estimate
 from ovqprof.distributed.cost import bytes_sent as formula_bytes
 from ovqprof.distributed.rows import (
     COLUMNS,
-    FAILED_STATUSES,
     FLOAT_COLUMNS,
     INT_COLUMNS,
-    STATUSES,
     cell_key,
     empty_row,
     layout,
@@ -284,10 +282,3 @@ def _too_big_for_ram(strategy: str, world_size: int, seq: int, settings: Distrib
         return None
     return (f"skipped: the {world_size} ranks would hold about {need / 2**30:.1f} GiB of KV tensors, more than "
             f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB this machine has free")
-
-
-def summary(rows: list[dict]) -> tuple[str, bool]:
-    """("3 ok, 1 timeout", whether any row failed)."""
-    counts = {s: sum(r.get("status") == s for r in rows) for s in STATUSES}
-    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
-    return text, any(r.get("status") in FAILED_STATUSES for r in rows)
