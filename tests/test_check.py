@@ -441,3 +441,41 @@ def test_a_gpu_that_is_not_there_is_exit_4(tmp_path):
     result = runner.invoke(app, ["check", "--baseline", str(base), "--profile", str(spec), "--device", "cuda"])
     assert result.exit_code == 4, result.output
     assert "cannot measure on device 'cuda'" in result.stderr
+
+
+# --- layers compared by their resolved options (issue 18) --------------------------------------------------
+OVQ_LAYER = {"name": "ovq", "type": "ovq", "d_model": 64, "heads": 2, "head_dim": 32, "dtype": "float32",
+             "options": {}}
+
+
+def test_a_spec_that_spells_out_a_default_is_the_same_workload(tmp_path):
+    # The baseline's spec left dict_size at its default (1024); the current one writes it out.
+    spelled = [{**OVQ_LAYER, "options": {"dict_size": 1024}}]
+    rows = [_row(1.0, layer="ovq")]
+    result = _check(tmp_path, rows, rows, base_header={"layers": [OVQ_LAYER]}, cur_header={"layers": spelled})
+    assert result.exit_code == 0, result.output
+    assert "configured differently" not in result.stderr
+
+
+def test_a_default_changed_to_another_value_is_still_refused(tmp_path):
+    other = [{**OVQ_LAYER, "options": {"dict_size": 512}}]
+    rows = [_row(1.0, layer="ovq")]
+    result = _check(tmp_path, rows, rows, base_header={"layers": [OVQ_LAYER]}, cur_header={"layers": other})
+    assert result.exit_code == 2, result.output
+    assert "configured differently" in result.stderr and "options.dict_size: 1024 -> 512" in result.stderr
+
+
+def test_a_profile_spelling_out_the_baselines_defaults_measures(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    base = tmp_path / "base.json"
+    assert runner.invoke(app, ["baseline", "-p", str(spec), "--no-roofline", "--repeats", "1", "-o",
+                               str(base)]).exit_code == 0
+    layers = json.loads(base.read_text())["header"]["layers"]
+    assert layers[0]["options"] == {} and layers[0]["resolved_options"]["window"] is None
+    spelled = tmp_path / "spelled.yaml"
+    spelled.write_text(TINY.replace("    type: softmax_attention\n", "    type: softmax_attention\n    window: null\n"))
+    result = runner.invoke(app, ["check", "--baseline", str(base), "--profile", str(spelled),
+                                 "--threshold", "1000%"])
+    assert "configured differently" not in result.stderr, result.output
+    assert result.exit_code == 0, result.output

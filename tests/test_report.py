@@ -353,3 +353,15 @@ def test_pareto_labels_of_coinciding_points_are_merged():
            ParetoPoint("swa", 131072, 128), ParetoPoint("retnet", 32768, 32)]
     groups = {text: (a.state_bytes, a.capacity) for a, text in label_groups(pts)}
     assert groups == {"retnet": (32768, 32), "gla, lin, mamba2": (32768, 128), "swa": (131072, 128)}
+
+
+def test_ovq_saturation_reads_a_default_dict_size_from_the_header(tmp_path):
+    # The spec left dict_size at its default: no column, no note, header options {} (issue 18).
+    rows = [{**r, "note": None} for r in capacity_rows()]
+    header = {"layers": [{"name": "ovq", "type": "ovq", "d_model": 64, "heads": 1, "head_dim": 64,
+                          "dtype": "float32", "options": {}}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"header": header, "rows": rows}))
+    out = tmp_path / "r"
+    assert invoke_report([path], out).exit_code == 0
+    assert "ovq (dict_size 1024) saturates: accuracy first drops below tau=0.9 at 256 pairs" in report_text(out)

@@ -7,7 +7,6 @@ the summary) is here.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ovqprof.errors import SpecError, UsageError
 from ovqprof.output import RowWriter, check_output_writable
 from ovqprof.ranges import RangeError, parse_seq_range
 from ovqprof.resume import read_rows
-from ovqprof.spec import Spec, profile_label
+from ovqprof.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,12 @@ def _mqar_error(spec: Spec, exc: ValidationError, model: type) -> SpecError:
 
 
 def capacity_header(header: dict, spec: Spec, method: str, settings: object) -> dict:
-    """The JSON header: machine_info plus the run's date, profile, method, settings and layer specs."""
-    header = dict(header)
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  profile=profile_label(spec.file), method=method)
-    header["settings"] = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
-    header["layers"] = [layer.model_dump(mode="json", exclude={"line"}) for layer in spec.layers]
-    return header
+    """The JSON header: machine_info plus the run's date, profile, method, settings and layers (with their
+    resolved options, `ovqprof.run.RunHeader`)."""
+    from ovqprof.run import RunHeader
+
+    dumped = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
+    return RunHeader.begin(header, spec, method=method, settings=dumped).as_dict()
 
 
 def run_capacity(spec: Spec, device: torch.device, header: dict, request: CapacityRequest, rows: list[dict],

@@ -8,7 +8,6 @@ ranks are killed and the writer has closed on the rows already written.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import os
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from ovqprof.distributed.settings import BACKENDS, STRATEGY_NAMES, DistributedSe
 from ovqprof.errors import UsageError
 from ovqprof.output import RowWriter, check_output_writable
 from ovqprof.ranges import RangeError, parse_seq_range
-from ovqprof.spec import LayerSpec, Spec, profile_label, torch_dtype
+from ovqprof.spec import LayerSpec, Spec, torch_dtype
 
 MEMORY_SHARE = 0.6  # cells whose ranks together would hold more than this share of free RAM are skipped
 GATE_TOLERANCE = 1e-12  # float64 relative error of a strategy against single-device SDPA
@@ -122,13 +121,11 @@ def plan_cells(settings: DistributedSettings) -> list[tuple[int, int, str]]:
 
 
 def distributed_header(header: dict, spec: Spec, settings: DistributedSettings, layers: list[LayerSpec]) -> dict:
-    header = dict(header)
-    header.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  profile=profile_label(spec.file), command="distributed",
-                  settings=settings.model_dump(mode="json"),
-                  layers=[layer.model_dump(mode="json", exclude={"line"}) for layer in layers],
-                  cpu_count=os.cpu_count())
-    return header
+    """The JSON header: machine_info plus the run's date, profile, settings, layers and CPU count."""
+    from ovqprof.run import RunHeader
+
+    return RunHeader.begin(header, spec, layers, command="distributed", settings=settings.model_dump(mode="json"),
+                           cpu_count=os.cpu_count()).as_dict()
 
 
 def merge_rank_results(results: list[dict], base: dict, settings: DistributedSettings, layer: LayerSpec,

@@ -232,15 +232,18 @@ def series_tau(rows: list[dict]) -> tuple[float, bool]:
 
 
 def dict_size_of(layer: str, rows: list[dict], headers: list[dict]) -> int | None:
-    """An OVQ layer's dictionary size: a `dict_size` column, the layer's options in a file header, or
-    `dict_size=N` in a note."""
+    """An OVQ layer's dictionary size: a `dict_size` column, the layer's resolved options in a file header
+    (so a size left at its default is found too; `ovqprof.run.resolved_options`), or `dict_size=N` in a
+    note."""
+    from ovqprof.run import resolved_options
+
     for row in rows:
         if row.get("dict_size") is not None:
             return int(row["dict_size"])
     for header in headers:
         for spec in header.get("layers") or []:
             if isinstance(spec, dict) and spec.get("name") == layer:
-                size = (spec.get("options") or {}).get("dict_size", spec.get("dict_size"))
+                size = resolved_options(spec).get("dict_size", spec.get("dict_size"))
                 if size is not None:
                     return int(size)
     for row in rows:
