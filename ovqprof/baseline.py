@@ -15,12 +15,12 @@ linear bwd +15% in four checks in a row against a one-round baseline.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ovqprof.errors import FailedCellsError, InfrastructureError, UsageError
+from ovqprof.output import check_json_output as check_writable
 from ovqprof.output import json_document, write_atomic
 from ovqprof.rows import FAILED_STATUSES, cell_key, status_summary
 
@@ -125,18 +125,6 @@ def record(path: Path, header: dict, rows: list[dict], *, source: str, allow_fai
                                   "an existing, writable directory") from None
     per_cell = f", {rounds} rounds per cell" if rounds > 1 else ""
     return f"wrote baseline {path}: {len(rows)} cells on {header.get('device')} ({status_summary(rows)}{per_cell})"
-
-
-def check_writable(path: Path, option: str = "--output") -> None:
-    """Fail before measuring (exit 2) when a JSON result could not be written at `path`; creates nothing."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory. Allowed: a file path ending in .json")
-    if path.suffix.lower() != ".json":
-        raise UsageError(f"{option} {path}: the file is written as JSON. Allowed: a path ending in .json")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {path}: the directory {parent} does not exist or is not writable. Allowed: "
-                         "a path in an existing, writable directory")
 
 
 def record_from(source: Path, output: Path | None, *, allow_failed: bool = False) -> str:

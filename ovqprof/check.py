@@ -539,9 +539,9 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
         raise UsageError("nothing to compare with the baseline. Allowed: --current RESULT.json (a finished sweep), "
                          "--profile P.yaml (measure the baseline's cells now), or both (re-measure flagged cells)")
     if opts.output is not None:
-        from ovqprof.baseline import check_writable
+        from ovqprof.output import check_json_output
 
-        check_writable(opts.output)
+        check_json_output(opts.output)
     base_header, base_rows = load_results(opts.baseline, "--baseline")
     names = {r["layer"] for r in base_rows}
     notes: list[str] = []

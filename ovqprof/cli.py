@@ -21,6 +21,7 @@ from ovqprof.output import (
     FORMATS,
     SWEEP_LAYOUT,
     RowWriter,
+    check_output_dir,
     check_output_writable,
     run_header_lines,
     select_columns,
@@ -131,7 +132,7 @@ def sweep(
     if output is not None:
         check_output_writable(output)
     if trace_dir is not None:
-        check_trace_dir(trace_dir)
+        check_output_dir(trace_dir, "for traces", "--trace")
     plan = RunPlan.build(spec, run_device, isolate=isolate, cell_timeout_s=cell_timeout, roofline=roofline,
                          slots=slots)
     run = plan.start(machine)
@@ -471,12 +472,12 @@ def trace(
 
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
-    spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device)
+    spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
     if seq is None:
         spec = spec.replace(sweep=spec.sweep.replace(seq=(max(spec.sweep.seq),)))
     if batch is None:
         spec = spec.replace(sweep=spec.sweep.replace(batch=spec.sweep.batch[:1]))
-    check_trace_dir(output)
+    check_output_dir(output, "for traces")
     breakdowns = trace_cells(spec, str(run_device), output, reps)
     sys.stdout.write(format_breakdowns(breakdowns, format))
     err_console.print(f"wrote {len(breakdowns)} traces and breakdowns to {output} (open a .json.gz in "
@@ -500,19 +501,6 @@ def _trace_ok_cells(cells, rows: list[dict], device: str, trace_dir: Path) -> No
         except Exception as exc:  # noqa: BLE001 - a failed trace must not lose the sweep's rows
             err_console.print(f"trace of {cell.layer.name} {cell.mode} T={cell.seq} failed: {exc}", markup=False)
     err_console.print(f"traced {traced} cells into {trace_dir}", markup=False)
-
-
-def check_trace_dir(path: Path) -> None:
-    """Fail before any work if `path` cannot hold traces (a file, or not creatable / writable)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--output {path} is a file. Allowed: a directory (created when missing) for traces")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / ".ovqprof-write-test").write_text("")
-        (path / ".ovqprof-write-test").unlink()
-    except OSError as exc:
-        raise UsageError(f"--output {path} cannot be written ({exc.strerror or exc}). Allowed: a directory in "
-                         "a writable place") from exc
 
 
 def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:

@@ -50,6 +50,32 @@ def check_output_writable(path: Path) -> None:
                          "existing, writable directory") from exc
 
 
+def check_json_output(path: Path, option: str = "--output") -> None:
+    """Fail before measuring (exit 2) when a JSON result could not be written at `path`; creates nothing."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory. Allowed: a file path ending in .json")
+    if path.suffix.lower() != ".json":
+        raise UsageError(f"{option} {path}: the file is written as JSON. Allowed: a path ending in .json")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: the directory {parent} does not exist or is not writable. Allowed: "
+                         "a path in an existing, writable directory")
+
+
+def check_output_dir(path: Path, holds: str, option: str = "--output") -> None:
+    """Fail before any work (exit 2) when the directory `path` (created when missing) cannot hold `holds`
+    (traces, a report and its plots): it is a file, or cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file. Allowed: a directory (created when missing) {holds}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".ovqprof-write-test").write_text("")
+        (path / ".ovqprof-write-test").unlink()
+    except OSError as exc:
+        raise UsageError(f"{option} {path} cannot be written ({exc.strerror or exc}). Allowed: a directory in "
+                         "a writable place") from exc
+
+
 def json_document(header: dict, rows: list[dict]) -> str:
     """The text of a JSON result file: {"header": {...}, "rows": [...]}."""
     return json.dumps({"header": header, "rows": rows}, indent=1, allow_nan=False, default=str) + "\n"

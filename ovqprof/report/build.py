@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ovqprof.errors import UsageError
-from ovqprof.output import human_bytes
+from ovqprof.output import check_output_dir, human_bytes
 from ovqprof.report import plots
 from ovqprof.report.distributed import PLOT_FILES as DISTRIBUTED_PLOTS
 from ovqprof.report.distributed import distributed_sections
@@ -49,17 +49,6 @@ PLOT_FILES = ("throughput.png", "decode.png", "memory.png", "state.png", "recall
 PEAK_COLUMNS = ("mem_torch_alloc_bytes", "mem_rss_peak_bytes")  # GPU allocator peak first, RSS on CPU
 MODES = ("fwd", "bwd", "decode")
 NOISY_SPREAD = 2.0  # ms_p80 / ms_p20 above this: the median of that row is not to be trusted
-
-
-def check_output_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output {out_dir} is a file. Allowed: a directory (created when missing) to "
-                         "hold report.md and its PNG plots")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--output {out_dir} cannot be created ({exc.strerror}). Allowed: a directory in a "
-                         "writable place") from exc
 
 
 class Report:
@@ -383,7 +372,7 @@ def write_report(paths: list[Path], out_dir: Path, generated: str | None = None,
     the "Where the time goes" section, at length `trace_seq` (default: the longest traced)."""
     files = load_result_files(paths)
     docs = load_breakdowns(traces)
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, "to hold report.md and its PNG plots")
     report = Report(files, out_dir)
     sections = [report.throughput(), report.decode(), report.memory(), report.state(), report.recall(),
                 report.pareto(), where_time_goes(report, docs, trace_seq),
