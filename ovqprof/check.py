@@ -528,12 +528,40 @@ def _profile_run(opts: CheckOptions, base_header: dict, names: set[str], notes: 
     return plan.start(machine)
 
 
+def _remeasurer(run, names: set[str], notes: list[str], quiet: bool, log: Callable[[str], None]
+                ) -> Callable[[list[tuple]], list[dict]]:
+    """`remeasure(keys) -> rows`: measure the baseline's cells `keys` with the profile's run (a progress bar
+    unless `quiet`); a layer the profile lacks is a note, a profile with none of them a UsageError."""
+
+    from ovqprof.progress import CellProgress, cell_budget_s
+    from ovqprof.sweep import cells_for_keys
+
+    spec = run.plan.spec
+
+    def remeasure(keys: list[tuple]) -> list[dict]:
+        cells, unknown = cells_for_keys(spec, keys)
+        if unknown and not cells:
+            raise UsageError(f"{spec.file} has none of the baseline's layers ({', '.join(sorted(names))}). "
+                             "Allowed: the spec the baseline was recorded with")
+        if unknown:
+            notes.append(f"{len(unknown)} cell(s) not measured: layer(s) "
+                         f"{', '.join(sorted({k[0] for k in unknown}))} not in {spec.file}")
+        log(f"measuring {len(cells)} cell(s) with {spec.file} on {run.header.machine.get('device')}")
+        try:
+            with CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec)) as progress:
+                return run.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
+        except OSError as exc:  # a worker process that cannot start, a vanished device node
+            raise InfrastructureError(f"cannot run the measurement ({exc.strerror or exc}); "
+                                      f"{len(cells)} cell(s) were to be measured") from None
+
+    return remeasure
+
+
 def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: None
                   ) -> tuple[CheckReport, dict]:
     """Load, refuse what cannot be compared, measure with the profile when asked, compare, re-measure
     flagged cells, write the current rows to `opts.output`. Returns the report and the baseline header."""
     from ovqprof.output import json_document, write_atomic
-    from ovqprof.sweep import cells_for_keys
 
     if opts.current is None and opts.profile is None:
         raise UsageError("nothing to compare with the baseline. Allowed: --current RESULT.json (a finished sweep), "
@@ -553,28 +581,10 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
         check_same_layers(base_header, cur_header.get("layers"), names, f"--current {opts.current}")
     run = _profile_run(opts, base_header, names, notes) if opts.profile is not None else None
 
-    def remeasure(keys: list[tuple]) -> list[dict]:
-        assert run is not None
-        spec = run.plan.spec
-        cells, unknown = cells_for_keys(spec, keys)
-        if unknown and not cells:
-            raise UsageError(f"{spec.file} has none of the baseline's layers ({', '.join(sorted(names))}). "
-                             "Allowed: the spec the baseline was recorded with")
-        if unknown:
-            notes.append(f"{len(unknown)} cell(s) not measured: layer(s) "
-                         f"{', '.join(sorted({k[0] for k in unknown}))} not in {spec.file}")
-        log(f"measuring {len(cells)} cell(s) with {spec.file} on {run.header.machine.get('device')}")
-        from ovqprof.progress import CellProgress, cell_budget_s
-
-        try:
-            with CellProgress(len(cells), quiet=opts.quiet, budget_s=cell_budget_s(spec)) as progress:
-                return run.measure(cells, on_start=progress.cell_started, on_row=progress.row_finished)
-        except OSError as exc:  # a worker process that cannot start, a vanished device node
-            raise InfrastructureError(f"cannot run the measurement ({exc.strerror or exc}); "
-                                      f"{len(cells)} cell(s) were to be measured") from None
+    remeasure = _remeasurer(run, names, notes, opts.quiet, log) if run is not None else None
 
     if cur_rows is None:
-        assert run is not None
+        assert run is not None and remeasure is not None
         cur_rows = remeasure([cell_key(r) for r in base_rows if r["status"] == "ok"])
         cur_header = run.header.as_dict()
     repeats = opts.repeats
@@ -583,7 +593,7 @@ def check_command(opts: CheckOptions, log: Callable[[str], None] = lambda text: 
     from ovqprof.baseline import read_run_medians
 
     report, cur_rows = run_check(base_rows, cur_rows, opts.thresholds,
-                                 remeasure=remeasure if run is not None else None, repeats=repeats,
+                                 remeasure=remeasure, repeats=repeats,
                                  fail_on_missing=opts.fail_on_missing, fail_on_noisy=opts.fail_on_noisy,
                                  notes=notes, base_runs=read_run_medians(base_header))
     if opts.output is not None:

@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -43,6 +44,18 @@ EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
 DEVICES_HELP = ("Comma list of devices measuring cells at once, one isolated worker each: cuda:0,cuda:1 (cpu,cpu "
                 "to test; its timings share cores). One device is --device.")
+
+# Options several commands share, declared once (typer reads them from the annotations).
+RunProfile = Annotated[str | None, typer.Option("--profile", "-p", help="YAML spec: a path or a name in profiles/ "
+                                                "(default: default.yaml on a GPU, quick.yaml otherwise).")]
+Isolate = Annotated[bool | None, typer.Option("--isolate/--no-isolate", help="Run each cell in a fresh worker "
+                                              "process (default: on for GPU and --devices, off for CPU).")]
+Roofline = Annotated[bool, typer.Option("--roofline/--no-roofline", help="Measure device peaks for the % of "
+                                        "roofline column.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No run header or progress on stderr (a bar with an "
+                                     "ETA in a terminal, one line per finished cell otherwise).")]
+Debug = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
+
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -90,8 +103,7 @@ def _warn_shared_gpu(header: dict) -> None:
 @app.command()
 @user_errors
 def sweep(
-    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
-                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    profile: RunProfile = None,
     seq: str | None = typer.Option(None, help="Sequence lengths, overriding the spec: 1k..64k (powers of "
                                       "two), 512..4k:x2, 1k..8k:+1k, 1k,3k,8k (k = 1024)."),
     modes: str | None = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
@@ -102,21 +114,18 @@ def sweep(
     format: str = typer.Option("table", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write rows to this file as they "
                                           "finish (default: stdout)."),
-    isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU and --devices, off for CPU)."),
+    isolate: Isolate = None,
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed and "
                                                  "reported as status timeout."),
-    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
-                                  "% of roofline column."),
+    roofline: Roofline = True,
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted sweep: skip the "
                                           "cells already in this CSV or JSON file and append the rest to it."),
     columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show (table and "
                                           "md formats; default: all, a terminal hiding some to fit its width)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
-                               "an ETA in a terminal, one line per finished cell otherwise)."),
+    quiet: Quiet = False,
     trace_dir: Path | None = typer.Option(None, "--trace", help="Also trace every successful cell into this "
                                              "directory (as `ovqprof trace`; separate calls, timings unchanged)."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
     from ovqprof.devices import devices_option
@@ -236,9 +245,8 @@ def capacity(
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run: skip the layers "
                                           "(probe) or tasks (mqar) already in this CSV or JSON file, append "
                                           "the rest."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
-                               "an ETA in a terminal, one line per finished cell otherwise)."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Recall capacity: accuracy against stored pairs N, and capacity@tau, for every layer of a spec."""
     from ovqprof.capacity.command import CapacityRequest, check_method, run_capacity
@@ -291,7 +299,7 @@ def distributed_cmd(
                                           "already in this CSV or JSON file and append the rest to it."),
     columns: str | None = typer.Option(None, "--columns", help="Comma list of table columns to show."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """Decode with the KV cache sharded over R ranks (torch.distributed): tree, ring and all-gather
     attention, one row per (world size, strategy, context), with OVQ's single-device step beside them."""
@@ -322,19 +330,16 @@ def distributed_cmd(
 @app.command("baseline")
 @user_errors
 def baseline_cmd(
-    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
-                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    profile: RunProfile = None,
     seq: str | None = typer.Option(None, help="Sequence lengths, overriding the spec (as for sweep)."),
     modes: str | None = typer.Option(None, help="Comma list of modes, overriding the spec: fwd,bwd,decode."),
     batch: str | None = typer.Option(None, help="Comma list of batch sizes, overriding the spec."),
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to run."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
     devices: str | None = typer.Option(None, "--devices", help=DEVICES_HELP),
-    isolate: bool | None = typer.Option(None, "--isolate/--no-isolate", help="Run each cell in a fresh "
-                                           "worker process (default: on for GPU and --devices, off for CPU)."),
+    isolate: Isolate = None,
     cell_timeout: float | None = typer.Option(None, help="Seconds before an isolated cell is killed."),
-    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure device peaks for the "
-                                  "% of roofline column."),
+    roofline: Roofline = True,
     repeats: int | None = typer.Option(None, "--repeats", help="Rounds: every cell measured this many times, "
                                        "the whole list each round; check compares with the slowest and fastest "
                                        "round (default 3 on a CPU, 1 on a GPU)."),
@@ -344,9 +349,8 @@ def baseline_cmd(
                                              "(sweep --format json, check --output) instead of measuring."),
     allow_failed: bool = typer.Option(False, "--allow-failed", help="Record even when cells failed (error, "
                                       "check_failed, timeout); check does not compare those cells."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
-                               "an ETA in a terminal, one line per finished cell otherwise)."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Record a baseline for `ovqprof check`: a sweep's rows with the machine header, as JSON."""
     from ovqprof import baseline as recording
@@ -425,9 +429,8 @@ def check_cmd(
     format: str = typer.Option("table", "--format", "-f", help="Report format: table, md or json."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the current rows (after "
                                           "re-measurement) as a JSON result, e.g. to promote to a baseline."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No run header or progress on stderr (a bar with "
-                               "an ETA in a terminal, one line per finished cell otherwise)."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Compare a run with a baseline (exit 0 pass, 1 regression, 2 usage, 3 other device or versions, 4 infra)."""
     from ovqprof.check import REPORT_FORMATS, CheckOptions, Thresholds, check_command, render_report
@@ -454,8 +457,7 @@ def check_cmd(
 def trace(
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the traces (<layer>-<mode>-<seq>"
                                 ".json.gz) and breakdowns (created when missing)."),
-    profile: str | None = typer.Option(None, "--profile", "-p", help="YAML spec: a path or a name in "
-                                          "profiles/ (default: default.yaml on a GPU, quick.yaml otherwise)."),
+    profile: RunProfile = None,
     layers: str | None = typer.Option(None, help="Comma list of layer names from the spec to trace."),
     modes: str = typer.Option("fwd", help="Comma list of modes: fwd,bwd,decode."),
     seq: str | None = typer.Option(None, help="Sequence lengths (as for sweep), e.g. 16k or 4k,16k; default: "
@@ -464,7 +466,7 @@ def trace(
     device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N (overrides defaults.device)."),
     reps: int = typer.Option(3, min=1, help="Traced calls per cell (after two untraced warm-up calls)."),
     format: str = typer.Option("table", "--format", "-f", help=f"Breakdown format: {', '.join(FORMATS)}."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """Trace cells under torch.profiler: a Perfetto / Chrome trace per cell and a breakdown of its time by
     phase (projections, core, ...) and by operator. The traced calls are not the timed ones of a sweep."""
@@ -523,7 +525,7 @@ def report(
                                           "or `sweep --trace` for the \"Where the time goes\" section."),
     trace_seq: str | None = typer.Option(None, "--trace-seq", help="Length of that section's bars, e.g. 4k "
                                             "(default: the longest traced)."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """Write a Markdown design-review report with PNG plots: throughput, decode latency, memory, state
     bytes, recall vs pairs and capacity vs state bytes, each with a reading computed from the rows, and
@@ -545,7 +547,7 @@ def report(
 @user_errors
 def layers(
     format: str = typer.Option("table", "--format", "-f", help="table or json."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """List the registered layer types with their options and defaults."""
     from ovqprof.registry import all_layer_types
@@ -579,7 +581,7 @@ def env(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     format: str = typer.Option("table", "--format", "-f", help="table or json."),
     peaks: bool = typer.Option(True, "--peaks/--no-peaks", help="Measure matmul FLOP/s and copy GB/s."),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: Debug = False,
 ) -> None:
     """Show the device, versions, NVML availability and measured peaks (the roofline the sweep uses)."""
     import torch

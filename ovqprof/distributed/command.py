@@ -201,7 +201,7 @@ def run_distributed(spec: Spec, header: dict, request: DistributedRequest, rows:
                     log: Callable[[str], None]) -> None:
     """Measure every planned cell not already in the resumed file, writing each row as it finishes and
     appending it to `rows`. UsageError for bad settings before anything runs."""
-    from ovqprof.distributed.group import GroupFailure, RankGroup, resolve_backend
+    from ovqprof.distributed.group import resolve_backend
     from ovqprof.distributed.rank import RankJob
     from ovqprof.progress import CellProgress
 
@@ -221,7 +221,7 @@ def run_distributed(spec: Spec, header: dict, request: DistributedRequest, rows:
     writer = RowWriter(request.format, request.output, header, layout=layout(), existing_rows=existing,
                        columns=request.columns)
     progress = CellProgress(len(cells), quiet=not request.show_progress, what="distributed")
-    group: RankGroup | None = None
+    groups = _RankGroups(settings)
     try:
         with writer, progress:
             for world_size, seq, strategy in cells:
@@ -232,35 +232,50 @@ def run_distributed(spec: Spec, header: dict, request: DistributedRequest, rows:
                                  strategy=strategy, backend=resolve_backend(settings.backend, world_size),
                                  dtype=layer.dtype, seq=seq, batch=settings.batch, heads=layer.heads,
                                  kv_heads=kv_heads, head_dim=layer.head_dim, note=ovq_note, **ovq_figures)
-                job = RankJob(layer, strategy, seq, settings.batch, seed=settings.seed,
-                              warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms, min_reps=settings.min_reps,
-                              max_reps=settings.max_reps, check_seq=settings.check_seq,
-                              fault=request.faults.get((world_size, strategy, seq)))
                 too_big = _too_big_for_ram(strategy, world_size, seq, settings, layer, kv_heads)
                 if too_big is not None:
                     row = dict(base, status="skipped", note="; ".join(filter(None, [too_big, base.get("note")])))
-                    writer.write(row)
-                    rows.append(row)
-                    progress.done(label, "skipped")
-                    continue
-                try:
-                    if group is not None and (group.world_size != world_size or not group.alive):
-                        group.close()
-                        group = None
-                    if group is None:
-                        group = RankGroup(world_size, settings.backend, settings.collective_timeout_s)
-                    base["device"] = group.devices[0]
-                    results = group.run(job, settings.cell_timeout_s)
-                    row = merge_rank_results(results, base, settings, layer, world_size, strategy, seq)
-                except GroupFailure as exc:
-                    row = dict(base, status=exc.status,
-                               note="; ".join(filter(None, [exc.note, base.get("note")])))
+                else:
+                    job = RankJob(layer, strategy, seq, settings.batch, seed=settings.seed,
+                                  warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms, min_reps=settings.min_reps,
+                                  max_reps=settings.max_reps, check_seq=settings.check_seq,
+                                  fault=request.faults.get((world_size, strategy, seq)))
+                    row = groups.measure(job, base, layer, world_size, strategy, seq)
                 writer.write(row)
                 rows.append(row)
-                progress.done(label, row["status"] + (f" {row['ms_median']:.3g} ms" if row["ms_median"] else ""))
+                timing = f" {row['ms_median']:.3g} ms" if row.get("ms_median") else ""
+                progress.done(label, row["status"] + timing)
     finally:
-        if group is not None:
-            group.kill()
+        groups.kill()
+
+
+class _RankGroups:
+    """One group of rank processes at a time, reused while the world size stays the same and its ranks live;
+    a cell the group fails becomes a row with the failure's status and note."""
+
+    def __init__(self, settings: DistributedSettings):
+        self.settings = settings
+        self.group = None
+
+    def measure(self, job, base: dict, layer: LayerSpec, world_size: int, strategy: str, seq: int) -> dict:
+        from ovqprof.distributed.group import GroupFailure, RankGroup
+
+        settings = self.settings
+        try:
+            if self.group is not None and (self.group.world_size != world_size or not self.group.alive):
+                self.group.close()
+                self.group = None
+            if self.group is None:
+                self.group = RankGroup(world_size, settings.backend, settings.collective_timeout_s)
+            base["device"] = self.group.devices[0]
+            results = self.group.run(job, settings.cell_timeout_s)
+            return merge_rank_results(results, base, settings, layer, world_size, strategy, seq)
+        except GroupFailure as exc:
+            return dict(base, status=exc.status, note="; ".join(filter(None, [exc.note, base.get("note")])))
+
+    def kill(self) -> None:
+        if self.group is not None:
+            self.group.kill()
 
 
 def _too_big_for_ram(strategy: str, world_size: int, seq: int, settings: DistributedSettings, layer: LayerSpec,
