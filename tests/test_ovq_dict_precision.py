@@ -22,9 +22,10 @@ DEVICE = kernel_device()  # skips this module where the kernels cannot run
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ovqprof.kernels.ovq.forward import _key_dot, dict_mode, exact_dots, ovq_forward_triton  # noqa: E402
+from ovqprof.kernels.ovq.forward import ovq_forward_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward_split import ovq_forward_split_triton  # noqa: E402
 from ovqprof.kernels.ovq.function import ovq_core_triton  # noqa: E402
+from ovqprof.kernels.ovq.tiles import dict_mode, exact_dots, key_dot  # noqa: E402
 
 B, H, D = 2, 2, 16
 L, N = 16, 40
@@ -36,7 +37,7 @@ def _key_dot_kernel(A, Bm, C, M: tl.constexpr, K: tl.constexpr, NC: tl.constexpr
     r, kk, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, NC)
     a = tl.load(A + r[:, None] * K + kk[None, :])
     b = tl.load(Bm + kk[:, None] * NC + n[None, :])
-    tl.store(C + r[:, None] * NC + n[None, :], _key_dot(a, b, IEEE, DICT))
+    tl.store(C + r[:, None] * NC + n[None, :], key_dot(a, b, IEEE, DICT))
 
 
 def _key_dot_error(mode: str) -> float:

@@ -22,8 +22,9 @@ DEVICE = kernel_device()  # skips this module where the kernels cannot run
 from ovqprof.kernels.ovq.backward import ovq_backward_triton  # noqa: E402
 from ovqprof.kernels.ovq.backward_split import ovq_backward_split_triton  # noqa: E402
 from ovqprof.kernels.ovq.forward import ovq_forward_triton  # noqa: E402
-from ovqprof.kernels.ovq.forward_split import ovq_forward_split_triton, split_programs  # noqa: E402
+from ovqprof.kernels.ovq.forward_split import ovq_forward_split_triton  # noqa: E402
 from ovqprof.kernels.ovq.function import kernels_for, ovq_core_triton  # noqa: E402
+from ovqprof.kernels.ovq.split import split_programs  # noqa: E402
 
 B, H, D = 2, 2, 16
 L, N = 16, 40

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dot
+from .tiles import dot
 
 INITS = ("spread", "random", "spread_topm")
 
@@ -79,7 +79,7 @@ def _spawn_ranks(k_c, s_best, s_key, rank_c, n, m_sp, L: tl.constexpr, DK: tl.co
 
 
 @triton.jit
-def _write_chunk(k_c, v_c, sk_base, sv_base, c_base, z_c, s_best, s_idx, s_key, s_rank, rank_c, n, m_sp, p,
+def write_chunk(k_c, v_c, sk_base, sv_base, c_base, z_c, s_best, s_idx, s_key, s_rank, rank_c, n, m_sp, p,
                  P: tl.constexpr, L: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
                  INIT: tl.constexpr, CHUNK_START: tl.constexpr, IEEE: tl.constexpr):
     """Write one full chunk: keys k_c [L, DK], values v_c [L, DV] (pointers to its first token) into the sums
@@ -108,7 +108,7 @@ def _write_chunk(k_c, v_c, sk_base, sv_base, c_base, z_c, s_best, s_idx, s_key, 
                 rank_c2 = tl.load(s_rank + cols, cache_modifier=".cg")
                 spawned_c = rank_c2 < m_sp
                 kc = tl.load(k_c + cols[:, None] * DK + dk[None, :])
-                sims = tl.where(spawned_c[None, :], _dot(k, tl.trans(kc), IEEE), float("-inf"))
+                sims = tl.where(spawned_c[None, :], dot(k, tl.trans(kc), IEEE), float("-inf"))
                 blk_best = tl.max(sims, axis=1)
                 tie = spawned_c[None, :] & (sims == blk_best[:, None])
                 blk_rank = tl.min(tl.where(tie, rank_c2[None, :], L), axis=1)

@@ -25,8 +25,17 @@ import triton
 import triton.language as tl
 
 from .config import OVQConfig
-from .forward import schedule_tensors
-from .tiles import _grad_dict, _grad_local_kv, _grad_local_q, dict_mode, exact_dots, row_block, slot_block
+from .launch_inputs import schedule_tensors
+from .tiles import (
+    dict_mode,
+    exact_dots,
+    grad_dict,
+    grad_local_kv,
+    grad_local_q,
+    row_block,
+    rowwise_dot_f32,
+    slot_block_backward,
+)
 
 
 @triton.jit
@@ -57,7 +66,7 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
             valid = pos < T
             k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
-            dk_acc, dv_acc, db = _grad_local_kv(kb, c, k, v, beta, q_base, do_base, LSE + bh * T,
+            dk_acc, dv_acc, db = grad_local_kv(kb, c, k, v, beta, q_base, do_base, LSE + bh * T,
                                                 DELTA + bh * T, T, L, BM, DK, DV, IEEE)
             dbeta += db
             if c < n_write:
@@ -83,33 +92,14 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
             lse = tl.load(LSE + bh * T + pos, mask=valid, other=float("inf"))
             delta = tl.load(DELTA + bh * T + pos, mask=valid, other=0.0)
             dq = tl.zeros([BM, DK], tl.float32)
-            dq, db = _grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base,
+            dq, db = grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base,
                                 n, 0, n, 1, DK, DV, BN, NORMALIZE, COUNT_BIAS, THROUGH_STATE, IEEE, DICT)
             dbeta += db
-            dq = _grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T, L, BM, DK, DV, IEEE)
+            dq = grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T, L, BM, DK, DV, IEEE)
             tl.store(DQ + bh * T * DK + pos[:, None] * DK + dk[None, :], dq.to(DQ.dtype.element_ty),
                      mask=valid[:, None])
         tl.debug_barrier()
     tl.store(DBETA + bh, dbeta)
-
-
-def _rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, elements_per_block: int = 1 << 24) -> torch.Tensor:
-    """sum(a * b, -1) in float32 for a, b [B, H, T, d] of any strides -> [B, H, T], in blocks along T so the
-    float32 copies stay small (whole-tensor copies would be 2 x 512 MiB at B=1, H=16, T=64k, d=128)."""
-    B, H, T, d = a.shape
-    out = torch.empty(B, H, T, dtype=torch.float32, device=a.device)
-    step = max(1, elements_per_block // max(1, B * H * d))
-    for t in range(0, T, step):
-        out[:, :, t:t + step] = (a[:, :, t:t + step].float() * b[:, :, t:t + step].float()).sum(-1)
-    return out
-
-
-def slot_block_backward(block_slots: int | None, dict_size: int, dk: int, dv: int) -> int:
-    """BN of the backward: five float32 [BN, d] tiles per slot block, so 32 at d > 64 (inside shared
-    memory), else 64, unless given."""
-    if block_slots is None:
-        block_slots = 32 if max(dk, dv) > 64 else 64
-    return slot_block(block_slots, dict_size)
 
 
 def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfig, block_slots: int | None = None,
@@ -124,7 +114,7 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     dev = q.device
     dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
-    delta = _rowwise_dot_f32(do, o)
+    delta = rowwise_dot_f32(do, o)
     # Stored in the input dtype (the kernel accumulates in float32 and casts on store): float32 gradients
     # plus their casts would hold 1.5x the bytes of q, k, v at the backward's peak.
     dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)

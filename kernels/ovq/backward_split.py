@@ -8,7 +8,7 @@ p, p + P, ... (as in forward_split.py), and walk the chunks backwards. Per chunk
   exactly one owner) into a shared [L, d] scratch, and un-write them; then the read's backward over its own
   slots (probabilities recomputed from the forward's log-sum-exp, so no cross-program softmax), adding into G
   of its slots and into a partial dq [L, dk]. Program 0 also does the causal local block (its dq part joins its partial; dk, dv parts go to scratch).
-- barrier (forward_split's `_barrier`; double-buffered scratch, one barrier per chunk).
+- barrier (forward_split's `barrier`; double-buffered scratch, one barrier per chunk).
 - phase B (every program): for its L/P rows (RM at a time), dq = sum of the P partials, dk and dv = gathered G part + local
   part; one store each, cast to the input dtype.
 
@@ -22,11 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import _rowwise_dot_f32, slot_block_backward
 from .config import OVQConfig
-from .forward import schedule_tensors
-from .forward_split import _barrier, _interpreted, _sm_count, merge_rows, split_programs
-from .tiles import _grad_dict, _grad_local_kv, _grad_local_q, dict_mode, exact_dots, row_block
+from .launch_inputs import schedule_tensors
+from .split import barrier, interpreted, merge_rows, sm_count, split_programs
+from .tiles import (
+    dict_mode,
+    exact_dots,
+    grad_dict,
+    grad_local_kv,
+    grad_local_q,
+    row_block,
+    rowwise_dot_f32,
+    slot_block_backward,
+)
 
 
 @triton.jit
@@ -74,7 +82,7 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
         if p == 0:  # the causal local block's dk, dv, once per (batch, head)
             k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
-            d_k, d_v, db = _grad_local_kv(kb, c, k, v, beta, q_base, do_base, LSE + bh * T, DELTA + bh * T, T,
+            d_k, d_v, db = grad_local_kv(kb, c, k, v, beta, q_base, do_base, LSE + bh * T, DELTA + bh * T, T,
                                           L, BM, DK, DV, IEEE)
             dbeta += db
             tl.store(SLK + scratch[:, None] * DK + dk[None, :], d_k)
@@ -91,11 +99,11 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
         lse = tl.load(LSE + bh * T + pos, mask=valid, other=float("inf"))
         delta = tl.load(DELTA + bh * T + pos, mask=valid, other=0.0)
         dq = tl.zeros([BM, DK], tl.float32)
-        dq, db = _grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base,
+        dq, db = grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base,
                             n, p, owned, P, DK, DV, BN, NORMALIZE, COUNT_BIAS, THROUGH_STATE, IEEE, DICT)
         dbeta += db
         if p == 0:
-            dq = _grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T, L, BM, DK, DV, IEEE)
+            dq = grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T, L, BM, DK, DV, IEEE)
         tl.store(PDQ + (((bh * 2 + par) * P + p) * L + rows)[:, None] * DK + dk[None, :], dq)
     return dbeta
 
@@ -150,7 +158,7 @@ def ovq_bwd_split_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, 
         dbeta += _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV, NACT,
                               PDQ, SGK, SGV, SLK, SLV, T, N, n_write,
                               P, L, DK, DV, BN, BM, NORMALIZE, COUNT_BIAS, THROUGH_STATE, IEEE, DICT)
-        _barrier(FLAGS + bh * P, p, i + 1, P)
+        barrier(FLAGS + bh * P, p, i + 1, P)
         _bwd_phase_b(c, bh, p, PDQ, SGK, SGV, SLK, SLV, DQ, DKO, DVO, T, n_write, P, L, DK, DV, RM, THROUGH_STATE)
         tl.debug_barrier()
     tl.store(DBETA + pid, dbeta)
@@ -197,17 +205,17 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
     dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     bn = slot_block_backward(block_slots, N, DK, DV)
     bm = row_block(L, block_rows)
-    sms = _sm_count(dev)
+    sms = sm_count(dev)
     P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
     if P < 1 or P & (P - 1) or P > L:
         raise ValueError(f"programs must be a power of two between 1 and chunk_size={L}, got {P}")
     if stepped is None:
-        stepped = P > 1 and _interpreted()
-    if not stepped and P > 1 and (_interpreted() or B * H * P > sms):
+        stepped = P > 1 and interpreted()
+    if not stepped and P > 1 and (interpreted() or B * H * P > sms):
         raise ValueError(f"the persistent split backward needs all B * H * programs = {B * H * P} programs "
                          f"resident at once ({sms} available; 1 under TRITON_INTERPRET=1); use stepped=True")
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
-    delta = _rowwise_dot_f32(do, o)
+    delta = rowwise_dot_f32(do, o)
     dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)  # input dtype, as in ovq_backward_triton
     dk_ = torch.empty_like(dq)
     dv_ = torch.empty(B, H, T, DV, dtype=v.dtype, device=dev)

@@ -17,9 +17,9 @@ from triton.testing import do_bench
 
 from .config import OVQConfig, active_after
 from .decode import ovq_decode_triton
-from .forward import DICT_PRECISIONS
 from .forward_split import ovq_forward_split_triton
 from .function import VARIANTS, kernels_for, ovq_core_triton
+from .tiles import DICT_PRECISIONS
 
 
 def _time(fn) -> str:

@@ -2,7 +2,7 @@
 chunk's read as one fused `scaled_dot_product_attention` call and the write on flat index_add_ updates.
 
 Same inputs, outputs and state as `reference.ovq_chunked` (q, k [B, H, T, dk] unit-norm, v [B, H, T, dv],
-beta [H]) and equal to it up to float rounding (tests/test_ovq_chunked_cpu.py); differentiable. Why it is
+beta [H]) and equal to it up to float rounding (tests/test_ovq_write_rules.py); differentiable. Why it is
 faster than the reference, which materialises the [L, n + L] logits, a concatenated copy and a separate
 softmax per chunk:
 - the read's count bias is folded into the keys as one extra column (q' = [beta q, 1], D_k' = [D_k, log c],

@@ -119,7 +119,8 @@ def issue_shape_kernels(programs: int = 8, dict_mode: str = "tf32", chunk: int =
     from .backward_split import ovq_bwd_split_kernel, ovq_bwd_split_rows_kernel, ovq_bwd_split_slots_kernel
     from .decode import ovq_decode_kernel
     from .forward import ovq_fwd_kernel
-    from .forward_split import merge_rows, ovq_fwd_split_kernel, ovq_split_read_kernel, ovq_split_write_kernel
+    from .forward_split import ovq_fwd_split_kernel, ovq_split_read_kernel, ovq_split_write_kernel
+    from .split import merge_rows
 
     rule = WRITE_RULES[rules]
     bm = min(chunk, 64)

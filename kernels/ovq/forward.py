@@ -23,21 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .assign import _write_chunk, init_mode
-from .config import OVQConfig, spawn_count
-from .tiles import (  # noqa: F401  (products and modes re-exported: older imports name this module)
-    DICT_PRECISIONS,
-    _dict_dot,
-    _dot,
-    _key_dot,
-    _read_dict,
-    _read_local,
-    _slot_tile,
-    dict_mode,
-    exact_dots,
-    row_block,
-    slot_block,
-)
+from .assign import write_chunk
+from .config import OVQConfig
+from .launch_inputs import schedule_tensors, spawn_ranks_input, write_options, write_scratch
+from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, slot_block
 
 
 @triton.jit
@@ -66,9 +55,9 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, SBEST, SIDX, 
             valid = pos < T
             q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
             k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-            m_i, l_i, acc, best, best_idx = _read_dict(q, k, beta, sk_base, sv_base, c_base, n, 0, n, 1,
+            m_i, l_i, acc, best, best_idx = read_dict(q, k, beta, sk_base, sv_base, c_base, n, 0, n, 1,
                                                        BM, DK, DV, BN, NORMALIZE, COUNT_BIAS, IEEE, DICT)
-            m_i, l_i, acc = _read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T, L, BM, DK, DV, IEEE)
+            m_i, l_i, acc = read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T, L, BM, DK, DV, IEEE)
             o_ptr = OUT + (bh // H) * so_b + h * so_h + pos[:, None] * so_t + dv[None, :]
             tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None])
             tl.store(LSE + bh * T + pos, m_i + tl.log(l_i), mask=valid)
@@ -76,61 +65,11 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, SBEST, SIDX, 
             tl.store(SIDX + scratch + rows, best_idx)
         if c < n_write:
             tl.debug_barrier()  # every row block's best is stored before the write reads them all
-            _write_chunk(k_base + c * L * DK, v_base + c * L * DV, sk_base, sv_base, c_base,
+            write_chunk(k_base + c * L * DK, v_base + c * L * DV, sk_base, sv_base, c_base,
                          Z + bh * (n_write * L) + c * L, SBEST + scratch, SIDX + scratch, SKEY + scratch,
                          SRANK + scratch, RANK + (c * tl.num_programs(0) + bh) * L, n, tl.load(MSPAWN + c), 0,
                          1, L, DK, DV, BM, INIT, CHUNK_START, IEEE)
         tl.debug_barrier()  # the sums are complete before the next chunk reads them
-
-
-def schedule_tensors(cfg: OVQConfig, n_chunks: int, n_write: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Active slots at each chunk start [n_chunks] and slots each written chunk spawns [max(n_write, 1)]."""
-    starts, spawns = [], []
-    for c in range(n_chunks):
-        n, m = spawn_count(cfg, c)
-        starts.append(n)
-        spawns.append(m)
-    nact = torch.tensor(starts or [0], dtype=torch.int32, device=device)
-    msp = torch.tensor(spawns[:n_write] or [0], dtype=torch.int32, device=device)
-    return nact, msp
-
-
-def random_ranks(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.device) -> torch.Tensor:
-    """For `init: random`: rank [n_write, B, H, L] of each token in its chunk's spawn order (the j-th pick has
-    rank j, tokens not picked rank L), drawn exactly as the reference draws them."""
-    L = cfg.chunk_size
-    ranks = torch.full((max(n_write, 1), B, H, L), L, dtype=torch.int32)
-    for c in range(n_write):
-        m = spawn_count(cfg, c)[1]
-        if m == L:
-            ranks[c] = torch.arange(L, dtype=torch.int32)
-        elif m > 0:
-            gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + c)
-            picks = torch.rand(B, H, L, generator=gen).topk(m, dim=-1, largest=False).indices
-            ranks[c].scatter_(-1, picks, torch.arange(m, dtype=torch.int32).expand(B, H, m).contiguous())
-    return ranks.to(device)
-
-
-def write_scratch(programs: int, L: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The write's per-program scratch vectors (assign.py): best, best_idx, spawn keys, ranks [programs, L]."""
-    f32 = dict(dtype=torch.float32, device=device)
-    i32 = dict(dtype=torch.int32, device=device)
-    return (torch.empty(programs, L, **f32), torch.empty(programs, L, **i32), torch.empty(programs, L, **f32),
-            torch.empty(programs, L, **i32))
-
-
-def write_options(cfg: OVQConfig) -> dict:
-    """The write- and read-rule constexprs of the forward kernels for `cfg` (init checked)."""
-    return dict(INIT=init_mode(cfg.init), CHUNK_START=cfg.assign == "chunk_start", COUNT_BIAS=cfg.count_bias,
-                NORMALIZE=cfg.normalize_centroids)
-
-
-def spawn_ranks_input(cfg: OVQConfig, B: int, H: int, n_write: int, device: torch.device) -> torch.Tensor:
-    """RANK, the host's spawn ranks for `init: random` (a placeholder for the other inits)."""
-    if cfg.init == "random":
-        return random_ranks(cfg, B, H, n_write, device)
-    return torch.empty(1, dtype=torch.int32, device=device)
 
 
 def ovq_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, cfg: OVQConfig,

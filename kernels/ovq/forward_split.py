@@ -25,16 +25,15 @@ the persistent kernel. Outputs and requirements are those of `ovq_forward_triton
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .assign import _write_chunk
+from .assign import write_chunk
 from .config import OVQConfig
-from .forward import schedule_tensors, spawn_ranks_input, write_options, write_scratch
-from .tiles import _read_dict, _read_local, dict_mode, exact_dots, row_block, slot_block
+from .launch_inputs import schedule_tensors, spawn_ranks_input, write_options, write_scratch
+from .split import barrier, interpreted, merge_rows, sm_count, split_programs
+from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, slot_block
 
 
 @triton.jit
@@ -56,11 +55,11 @@ def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PI
         valid = pos < T
         q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
         k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc, best, best_idx = _read_dict(q, k, beta, SK + bh * N * DK, SV + bh * N * DV, CNT + bh * N,
+        m_i, l_i, acc, best, best_idx = read_dict(q, k, beta, SK + bh * N * DK, SV + bh * N * DV, CNT + bh * N,
                                                    n, p, owned, P, BM, DK, DV, BN, NORMALIZE, COUNT_BIAS, IEEE,
                                                    DICT)
         if p == 0:  # the causal local block, once per (batch, head)
-            m_i, l_i, acc = _read_local(q, rows, beta, m_i, l_i, acc, k_base, V + bh * T * DV, c, r, T,
+            m_i, l_i, acc = read_local(q, rows, beta, m_i, l_i, acc, k_base, V + bh * T * DV, c, r, T,
                                         L, BM, DK, DV, IEEE)
         tl.store(PM + base + rows, m_i)
         tl.store(PL + base + rows, l_i)
@@ -116,26 +115,10 @@ def _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, 
         tl.store(SIDX + rows, best_idx)
         tl.debug_barrier()
         # Every program computes the same spawns and slots; each adds only the tokens of its own slots.
-        _write_chunk(K + bh * T * DK + c * L * DK, V + bh * T * DV + c * L * DV, SK + bh * N * DK,
+        write_chunk(K + bh * T * DK + c * L * DK, V + bh * T * DV + c * L * DV, SK + bh * N * DK,
                      SV + bh * N * DV, CNT + bh * N, Z + bh * (n_write * L) + c * L, SBEST, SIDX, SKEY, SRANK,
                      RANK + (c * BH + bh) * L, tl.load(NACT + c), tl.load(MSPAWN + c), p, P, L, DK, DV, BM,
                      INIT, CHUNK_START, IEEE)
-
-
-@triton.jit
-def _barrier(flags, p, epoch, P: tl.constexpr):
-    """Wait until the P programs sharing `flags` [P] have all reached `epoch` (a chunk count). The stores
-    before it are released and the loads after it acquire theirs (the pattern of a cooperative grid sync:
-    block barrier, one release store of a flag, acquire polling, block barrier). Flags only grow, so a flag
-    store is idempotent and the poll is a plain minimum."""
-    tl.debug_barrier()
-    if P > 1:
-        tl.atomic_xchg(flags + p, epoch, sem="release")
-        ids = tl.arange(0, P)
-        seen = tl.min(tl.atomic_add(flags + ids, 0, sem="acquire"), axis=0)
-        while seen < epoch:
-            seen = tl.min(tl.atomic_add(flags + ids, 0, sem="acquire"), axis=0)
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -155,7 +138,7 @@ def ovq_fwd_split_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL,
     for c in range(0, n_chunks):
         _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PIDX, T, N,
                  P, L, DK, DV, BN, BM, NORMALIZE, COUNT_BIAS, IEEE, DICT)
-        _barrier(FLAGS + bh * P, p, c + 1, P)
+        barrier(FLAGS + bh * P, p, c + 1, P)
         _phase_b(c, bh, p, BH, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PACC, PBEST, PIDX,
                  SBEST + scratch, SIDX + scratch, SKEY + scratch, SRANK + scratch, OUT, LSE, Z,
                  T, H, N, n_write, so_b, so_h, so_t, P, L, DK, DV, BM, RM, INIT, CHUNK_START, IEEE)
@@ -189,33 +172,6 @@ def ovq_split_write_kernel(c, K, V, SK, SV, CNT, NACT, MSPAWN, RANK, PM, PL, PAC
              so_b, so_h, so_t, P, L, DK, DV, BM, RM, INIT, CHUNK_START, IEEE)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def split_programs(bh: int, n_slots: int, block: int, chunk: int, sms: int) -> int:
-    """P, programs per (batch, head): the largest power of two with all bh * P programs resident at once (at
-    most one per SM, of `sms`), P <= chunk (each merges chunk / P output rows) and every program owning at
-    least one full tile of `block` slots."""
-    p = 1
-    while 2 * p * bh <= sms and 2 * p <= chunk and 2 * p * block <= max(n_slots, block):
-        p *= 2
-    return p
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at a time)."""
-    if device.type != "cuda" or _interpreted():
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def merge_rows(chunk: int, programs: int, cap: int = 16) -> int:
-    """RM, rows merged at a time in phase B: all L / P of a program's rows, at most `cap` (P partial [RM, d]
-    float32 tiles are in flight at once; at RM = 32, d = 128 the 4-warp merge spilled ~1 KB per thread)."""
-    return min(chunk // programs, cap)
-
-
 def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                              cfg: OVQConfig, programs: int | None = None, stepped: bool | None = None,
                              block_slots: int = 64, num_warps: int = 8, dict_precision: str = "tf32",
@@ -234,14 +190,14 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     opts = write_options(cfg)
     bm = row_block(L, block_rows)
     bn = slot_block(block_slots, N)
-    sms = _sm_count(dev)
+    sms = sm_count(dev)
     P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
     if P < 1 or P & (P - 1) or P > L:
         raise ValueError(f"programs must be a power of two between 1 and chunk_size={L}, got {P}")
     if stepped is None:
-        stepped = P > 1 and _interpreted()
+        stepped = P > 1 and interpreted()
     if not stepped and P > 1:
-        if _interpreted():
+        if interpreted():
             raise ValueError("the persistent split kernel needs P = 1 under TRITON_INTERPRET=1 (programs run "
                              "one after another there); use stepped=True")
         if B * H * P > sms:

@@ -5,7 +5,7 @@ Vectorised over batch and heads; the only Python loops are over chunks (and, for
 slots a chunk spawns, which sum to at most N over a whole sequence). Math runs in the dtype of the inputs
 (the layer passes float32 for fp16/bf16 models).
 
-Per chunk (positions cL .. cL+L-1), with the dictionary frozen at the chunk start (design doc section B):
+Per chunk (positions cL .. cL+L-1), with the dictionary frozen at the chunk start (README, "How OVQ-attention works here"):
 1. read: one softmax over the n active slots (logit beta q.D_k[i] + log c[i]) and the chunk's own keys
    j <= t (logit beta q.k_j); output sum_i p_i D_v[i] + sum_j p_j v_j;
 2. grow: spawn m = active_after(end) - n slots from the chunk's keys (spread, spread_topm or random init);

@@ -55,15 +55,35 @@ def slot_block(block_slots: int, dict_size: int) -> int:
     return max(16, min(block_slots, triton.next_power_of_2(dict_size)))
 
 
+
+def rowwise_dot_f32(a: torch.Tensor, b: torch.Tensor, elements_per_block: int = 1 << 24) -> torch.Tensor:
+    """sum(a * b, -1) in float32 for a, b [B, H, T, d] of any strides -> [B, H, T], in blocks along T so the
+    float32 copies stay small (whole-tensor copies would be 2 x 512 MiB at B=1, H=16, T=64k, d=128)."""
+    B, H, T, d = a.shape
+    out = torch.empty(B, H, T, dtype=torch.float32, device=a.device)
+    step = max(1, elements_per_block // max(1, B * H * d))
+    for t in range(0, T, step):
+        out[:, :, t:t + step] = (a[:, :, t:t + step].float() * b[:, :, t:t + step].float()).sum(-1)
+    return out
+
+
+def slot_block_backward(block_slots: int | None, dict_size: int, dk: int, dv: int) -> int:
+    """BN of the backward: five float32 [BN, d] tiles per slot block, so 32 at d > 64 (inside shared
+    memory), else 64, unless given."""
+    if block_slots is None:
+        block_slots = 32 if max(dk, dv) > 64 else 64
+    return slot_block(block_slots, dict_size)
+
+
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
 
 @triton.jit
-def _dict_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
+def dict_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
     """a @ b where one operand holds float32 dictionary values (D_v, D_k as a gradient's factor) whose
     rounding the softmax does not amplify; DICT as in `dict_mode`. Under the interpreter (IEEE) the bf16 modes
     are emulated exactly: bf16-rounded operands, float32 products, as the tensor cores compute them."""
@@ -71,26 +91,26 @@ def _dict_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if DICT == "tf32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    return _dot(a.to(tl.bfloat16), b.to(tl.bfloat16), IEEE)
+    return dot(a.to(tl.bfloat16), b.to(tl.bfloat16), IEEE)
 
 
 @triton.jit
-def _key_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
+def key_dot(a, b, IEEE: tl.constexpr, DICT: tl.constexpr):
     """a [M, K] @ b [K, N] for logits and similarities against the key dictionary b (float32), whose error
     beta multiplies: under "bf16x2", b = hi + lo in bf16 and a @ hi + a @ lo (exact for a in bf16, as q and k
-    are); otherwise as `_dict_dot`."""
+    are); otherwise as `dict_dot`."""
     if DICT == "bf16x2":
         a16 = a.to(tl.bfloat16)
         hi = b.to(tl.bfloat16)
         lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
         if IEEE:
-            return _dot(a16, hi, IEEE) + _dot(a16, lo, IEEE)
+            return dot(a16, hi, IEEE) + dot(a16, lo, IEEE)
         return tl.dot(a16, lo, acc=tl.dot(a16, hi))
-    return _dict_dot(a, b, IEEE, DICT)
+    return dict_dot(a, b, IEEE, DICT)
 
 
 @triton.jit
-def _slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: tl.constexpr):
+def slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: tl.constexpr):
     """One tile of the dictionary: sums S_k [BN, DK] and counts [BN] (masked slots read as 0 and 1), and the
     scale of its key centroids, D_k = S_k / scale, with scale |S_k| (normalize_centroids) or the count.
     Loads bypass L1 (.cg): the kernels update the dictionary with atomics, which L1 would not see."""
@@ -105,7 +125,7 @@ def _slot_tile(sk_base, c_base, slots, smask, dk, DK: tl.constexpr, NORMALIZE: t
 
 
 @triton.jit
-def _read_dict(q, k, beta, sk_base, sv_base, c_base, n, first, count, STRIDE: tl.constexpr,
+def read_dict(q, k, beta, sk_base, sv_base, c_base, n, first, count, STRIDE: tl.constexpr,
                BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                NORMALIZE: tl.constexpr, COUNT_BIAS: tl.constexpr, IEEE: tl.constexpr, DICT: tl.constexpr):
     """One pass over the slots first, first + STRIDE, ... (`count` of them, those below n) for a row block:
@@ -123,10 +143,10 @@ def _read_dict(q, k, beta, sk_base, sv_base, c_base, n, first, count, STRIDE: tl
     for t0 in range(0, count, BN):
         slots = (t0 + slot_ids) * STRIDE + first
         smask = slots < n
-        sk, cnt, scale = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
+        sk, cnt, scale = slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
         inv = 1.0 / scale
         skt = tl.trans(sk)
-        s = _key_dot(q, skt, IEEE, DICT) * (beta * inv)[None, :]
+        s = key_dot(q, skt, IEEE, DICT) * (beta * inv)[None, :]
         if COUNT_BIAS:
             s += tl.log(cnt)[None, :]
         s = tl.where(smask[None, :], s, float("-inf"))
@@ -136,9 +156,9 @@ def _read_dict(q, k, beta, sk_base, sv_base, c_base, n, first, count, STRIDE: tl
         l_i = l_i * alpha + tl.sum(p, axis=1)
         sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                      cache_modifier=".cg")
-        acc = acc * alpha[:, None] + _dict_dot(p / cnt[None, :], sv, IEEE, DICT)  # D_v = S_v / c
+        acc = acc * alpha[:, None] + dict_dot(p / cnt[None, :], sv, IEEE, DICT)  # D_v = S_v / c
         m_i = m_new
-        sim = _key_dot(k, skt, IEEE, DICT) * inv[None, :]
+        sim = key_dot(k, skt, IEEE, DICT) * inv[None, :]
         sim = tl.where(smask[None, :], sim, float("-inf"))
         tile_best = tl.max(sim, axis=1)
         tile_idx = (tl.argmax(sim, axis=1).to(tl.int32) + t0) * STRIDE + first
@@ -149,7 +169,7 @@ def _read_dict(q, k, beta, sk_base, sv_base, c_base, n, first, count, STRIDE: tl
 
 
 @triton.jit
-def _read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T,
+def read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T,
                 L: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
     """Add the causal local block to row block r's online softmax (m_i, l_i [BM], acc [BM, DV]): q [BM, DK]
     at chunk rows `rows` [BM] of chunk c sees the chunk's keys 0 .. row, taken in key blocks 0 .. r of BM.
@@ -162,19 +182,19 @@ def _read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T,
         valid_k = pos_k < T
         k = tl.load(k_base + pos_k[:, None] * DK + dk[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * DV + dv[None, :], mask=valid_k[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * beta
+        s = dot(q, tl.trans(k), IEEE) * beta
         s = tl.where((cols[None, :] <= rows[:, None]) & valid_k[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base, n, first, count,
+def grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_base, gv_base, n, first, count,
                STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
                NORMALIZE: tl.constexpr, COUNT_BIAS: tl.constexpr, THROUGH_STATE: tl.constexpr,
                IEEE: tl.constexpr, DICT: tl.constexpr):
@@ -189,23 +209,23 @@ def _grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_
     for t0 in range(0, count, BN):
         slots = (t0 + slot_ids) * STRIDE + first
         smask = slots < n
-        sk, cnt, norm = _slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
+        sk, cnt, norm = slot_tile(sk_base, c_base, slots, smask, dk, DK, NORMALIZE)
         sv = tl.load(sv_base + slots[:, None] * DV + dv[None, :], mask=smask[:, None], other=0.0,
                      cache_modifier=".cg")
         d_k = sk / norm[:, None]  # D_k [BN, DK] float32
         d_v = sv / cnt[:, None]   # D_v [BN, DV]
-        dots = _key_dot(q, tl.trans(d_k), IEEE, DICT)
+        dots = key_dot(q, tl.trans(d_k), IEEE, DICT)
         s = beta * dots
         if COUNT_BIAS:
             s += tl.log(cnt)[None, :]
         p = tl.where(smask[None, :] & valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dict_dot(do, tl.trans(d_v), IEEE, DICT)
+        dp = dict_dot(do, tl.trans(d_v), IEEE, DICT)
         ds = p * (dp - delta[:, None])
-        dq += beta * _dict_dot(ds, d_k, IEEE, DICT)
+        dq += beta * dict_dot(ds, d_k, IEEE, DICT)
         dbeta += tl.sum(tl.sum(ds * dots, axis=1), axis=0)
         if THROUGH_STATE:
-            d_dk = beta * _dict_dot(tl.trans(ds), q, IEEE, DICT)  # dL/dD_k [BN, DK]
-            d_dv = _dict_dot(tl.trans(p), do, IEEE, DICT)         # dL/dD_v [BN, DV]
+            d_dk = beta * dict_dot(tl.trans(ds), q, IEEE, DICT)  # dL/dD_k [BN, DK]
+            d_dv = dict_dot(tl.trans(p), do, IEEE, DICT)         # dL/dD_v [BN, DV]
             if NORMALIZE:
                 d_sk = (d_dk - d_k * tl.sum(d_k * d_dk, axis=1)[:, None]) / norm[:, None]
             else:
@@ -220,7 +240,7 @@ def _grad_dict(q, do, lse, delta, valid, beta, dq, sk_base, sv_base, c_base, gk_
 
 
 @triton.jit
-def _grad_local_kv(kb, c, k, v, beta, q_base, do_base, lse_base, delta_base, T,
+def grad_local_kv(kb, c, k, v, beta, q_base, do_base, lse_base, delta_base, T,
                    L: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
     """The local block's gradients of key block kb (keys k [BM, DK], values v [BM, DV] of chunk c): dk, dv
     [BM, d] float32 summed over the query blocks kb .. L/BM - 1 that see it, and their dbeta (scalar)."""
@@ -239,21 +259,21 @@ def _grad_local_kv(kb, c, k, v, beta, q_base, do_base, lse_base, delta_base, T,
         do = tl.load(do_base + pos[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0)
         lse = tl.load(lse_base + pos, mask=valid, other=float("inf"))
         delta = tl.load(delta_base + pos, mask=valid, other=0.0)
-        qk = _dot(q, tl.trans(k), IEEE)
+        qk = dot(q, tl.trans(k), IEEE)
         visible = (cols[None, :] <= rows[:, None]) & valid_k[None, :] & valid[:, None]
         p = tl.where(visible, tl.exp(beta * qk - lse[:, None]), 0.0)
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         dbeta += tl.sum(tl.sum(ds * qk, axis=1), axis=0)
-        dk_acc += beta * _dot(tl.trans(ds).to(q.dtype), q, IEEE)
-        dv_acc += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+        dk_acc += beta * dot(tl.trans(ds).to(q.dtype), q, IEEE)
+        dv_acc += dot(tl.trans(p).to(do.dtype), do, IEEE)
     return dk_acc, dv_acc, dbeta
 
 
 @triton.jit
-def _grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T,
+def grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T,
                   L: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, IEEE: tl.constexpr):
     """Add the local block's part of dq for query block r (q [BM, DK], do [BM, DV], lse, delta, valid [BM]):
-    key blocks 0 .. r, probabilities recomputed (the dbeta part is `_grad_local_kv`'s)."""
+    key blocks 0 .. r, probabilities recomputed (the dbeta part is `grad_local_kv`'s)."""
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     rows = r * BM + tl.arange(0, BM)
@@ -263,9 +283,9 @@ def _grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T,
         valid_k = pos_k < T
         k = tl.load(k_base + pos_k[:, None] * DK + dk[None, :], mask=valid_k[:, None], other=0.0)
         v = tl.load(v_base + pos_k[:, None] * DV + dv[None, :], mask=valid_k[:, None], other=0.0)
-        qk = _dot(q, tl.trans(k), IEEE)
+        qk = dot(q, tl.trans(k), IEEE)
         visible = (cols[None, :] <= rows[:, None]) & valid_k[None, :] & valid[:, None]
         p = tl.where(visible, tl.exp(beta * qk - lse[:, None]), 0.0)
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-        dq += beta * _dot(ds.to(k.dtype), k, IEEE)
+        ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += beta * dot(ds.to(k.dtype), k, IEEE)
     return dq

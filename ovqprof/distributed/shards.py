@@ -30,7 +30,7 @@ def shard_starts(total: int, world_size: int) -> list[int]:
 def random_shard(seed: int, rank: int, batch: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """kv[2, B, G, length, dh] ~ N(0, 1) drawn from (seed, rank): every rank draws its own block without the
-    others', and a test can draw all blocks to rebuild the whole cache (never zeros: measurement.md)."""
+    others', and a test can draw all blocks to rebuild the whole cache (never zeros: they would hide unwritten outputs and wrong indexing)."""
     gen = torch.Generator(device="cpu").manual_seed(seed * 100_003 + rank)
     kv = torch.randn(2, batch, kv_heads, length, head_dim, generator=gen, dtype=torch.float64 if dtype ==
                      torch.float64 else torch.float32)
