@@ -130,14 +130,16 @@ def sweep(
     """Measure every (layer, mode, seq, batch) cell of a spec and write one row per cell."""
     from ovqprof.devices import devices_option
     from ovqprof.machine import machine_info
+    from ovqprof.resume import cells_to_run, sweep_resume
     from ovqprof.run import RunPlan, interruptible, kept_rows
+    from ovqprof.trace import trace_ok_cells
 
     _check_format(format, FORMATS)
     select_columns(SWEEP_LAYOUT, split_list(columns))  # before any measurement
     device, slots = devices_option(devices, device)
     spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
     machine = machine_info(run_device)
-    output, format, existing = _sweep_resume(resume, output, format, machine)
+    output, format, existing = sweep_resume(resume, output, format, machine)
     if output is not None:
         check_output_writable(output)
     if trace_dir is not None:
@@ -147,7 +149,7 @@ def sweep(
     run = plan.start(machine)
     header = run.header.as_dict()
     _warn_shared_gpu(header)
-    cells = _cells_to_run(spec, resume, existing)
+    cells = cells_to_run(spec, resume, existing, _log)
     writer = RowWriter(format, output, header, existing_rows=existing, columns=split_list(columns))
     progress = CellProgress(len(cells), quiet=quiet, budget_s=cell_budget_s(spec), workers=plan.workers)
     progress.header(run_header_lines(header))
@@ -160,43 +162,8 @@ def sweep(
 
         run.measure(cells, on_start=progress.cell_started, on_row=on_row)
     if trace_dir is not None:
-        _trace_ok_cells(cells, rows, str(run_device), trace_dir)
+        trace_ok_cells(cells, rows, str(run_device), trace_dir, _log)
     _finish(rows, output, "cells")
-
-
-def _sweep_resume(resume: Path | None, output: Path | None, format: str, machine: dict):
-    """(output, format, rows already there): --resume FILE appends to FILE in its own format, and only when
-    FILE was measured on this device."""
-    from ovqprof.resume import read_rows
-
-    if resume is None:
-        return output, format, []
-    _check_resume_output(resume, output)
-    format, existing, old_header = read_rows(resume)
-    if old_header and old_header.get("device") != machine["device"]:
-        raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
-                         "device; its rows cannot be mixed with new ones. Allowed: a result file from "
-                         "this device, or a new --output file")
-    return resume, format, existing
-
-
-def _cells_to_run(spec, resume: Path | None, existing: list[dict]):
-    """The spec's cells, less those already in the --resume file."""
-    from ovqprof.resume import done_cells
-    from ovqprof.sweep import plan_cells
-
-    cells = plan_cells(spec)
-    if resume is not None:
-        done = done_cells(existing)
-        cells = [c for c in cells if c.key not in done]
-        _log(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
-    return cells
-
-
-def _check_resume_output(resume: Path, output: Path | None) -> None:
-    if output is not None and output.resolve() != resume.resolve():
-        raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
-                         "(rows are appended to FILE)")
 
 
 def _check_format(format: str, allowed) -> None:
@@ -262,9 +229,9 @@ def capacity(
         _log(f"no --profile given: using {profile}.yaml ({why})")
     spec, run_device = load_run_spec(profile, None, None, None, layers, device, _log)
     if resume is not None:
-        from ovqprof.resume import resume_format
+        from ovqprof.resume import check_resume_output, resume_format
 
-        _check_resume_output(resume, output)
+        check_resume_output(resume, output)
         output, format = resume, resume_format(resume)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=not quiet,
@@ -313,9 +280,9 @@ def distributed_cmd(
     select_columns(layout(), split_list(columns))
     spec, run_device = load_run_spec(profile, None, None, None, None, "cpu", _log)
     if resume is not None:
-        from ovqprof.resume import resume_format
+        from ovqprof.resume import check_resume_output, resume_format
 
-        _check_resume_output(resume, output)
+        check_resume_output(resume, output)
         output, format = resume, resume_format(resume)
     request = DistributedRequest(world_sizes=world_size, strategies=strategy, seq=seq, backend=backend,
                                  cell_timeout_s=cell_timeout, collective_timeout_s=collective_timeout,
@@ -471,9 +438,9 @@ def trace(
     """Trace cells under torch.profiler: a Perfetto / Chrome trace per cell and a breakdown of its time by
     phase (projections, core, ...) and by operator. The traced calls are not the timed ones of a sweep."""
     from ovqprof.breakdown_output import format_breakdowns
+    from ovqprof.trace import trace_cells
 
-    if format not in FORMATS:
-        raise UsageError(f"--format {format!r} is not known. Allowed: {', '.join(FORMATS)}")
+    _check_format(format, FORMATS)
     spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
     if seq is None:
         spec = spec.replace(sweep=spec.sweep.replace(seq=(max(spec.sweep.seq),)))
@@ -484,33 +451,6 @@ def trace(
     sys.stdout.write(format_breakdowns(breakdowns, format))
     err_console.print(f"wrote {len(breakdowns)} traces and breakdowns to {output} (open a .json.gz in "
                       "ui.perfetto.dev or chrome://tracing)", markup=False)
-
-
-def _trace_ok_cells(cells, rows: list[dict], device: str, trace_dir: Path) -> None:
-    """`sweep --trace`: trace the cells whose rows are ok, after the timed sweep; a trace that fails is
-    reported and skipped (the sweep's rows are already written)."""
-    from ovqprof.rows import cell_key
-    from ovqprof.trace import trace_cell
-
-    ok = {cell_key(r) for r in rows if r["status"] == "ok"}
-    traced = 0
-    for cell in cells:
-        if cell.key not in ok:
-            continue
-        try:
-            trace_cell(cell, device, trace_dir)
-            traced += 1
-        except Exception as exc:  # noqa: BLE001 - a failed trace must not lose the sweep's rows
-            err_console.print(f"trace of {cell.layer.name} {cell.mode} T={cell.seq} failed: {exc}", markup=False)
-    err_console.print(f"traced {traced} cells into {trace_dir}", markup=False)
-
-
-def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:
-    """Trace every planned cell of `spec` (a cell the layer cannot run is trace_cell's UsageError)."""
-    from ovqprof.sweep import plan_cells
-    from ovqprof.trace import trace_cell
-
-    return [trace_cell(cell, device, out_dir, reps) for cell in plan_cells(spec)]
 
 
 @app.command()

@@ -75,3 +75,36 @@ def read_rows(path: Path, option: str = "--resume", columns: tuple[str, ...] = C
 
 def done_cells(rows: list[dict]) -> set[tuple]:
     return {cell_key(r) for r in rows}
+
+
+def check_resume_output(resume: Path, output: Path | None) -> None:
+    """--resume FILE appends to FILE: an --output beside it must name the same file."""
+    if output is not None and output.resolve() != resume.resolve():
+        raise UsageError(f"--output {output} and --resume {resume} differ. Allowed: --resume FILE alone "
+                         "(rows are appended to FILE)")
+
+
+def sweep_resume(resume: Path | None, output: Path | None, format: str, machine: dict):
+    """(output, format, rows already there): --resume FILE appends to FILE in its own format, and only when
+    FILE was measured on this device."""
+    if resume is None:
+        return output, format, []
+    check_resume_output(resume, output)
+    format, existing, old_header = read_rows(resume)
+    if old_header and old_header.get("device") != machine["device"]:
+        raise UsageError(f"--resume {resume} was measured on {old_header.get('device')!r}, not on this "
+                         "device; its rows cannot be mixed with new ones. Allowed: a result file from "
+                         "this device, or a new --output file")
+    return resume, format, existing
+
+
+def cells_to_run(spec, resume: Path | None, existing: list[dict], log):
+    """The spec's cells, less those already in the --resume file."""
+    from ovqprof.sweep import plan_cells
+
+    cells = plan_cells(spec)
+    if resume is not None:
+        done = done_cells(existing)
+        cells = [c for c in cells if c.key not in done]
+        log(f"resuming {resume}: {len(existing)} rows already there, {len(cells)} cells to run")
+    return cells

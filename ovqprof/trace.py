@@ -208,3 +208,28 @@ def trace_events(path: Path) -> list[dict]:
     """The trace events of a gzip Chrome trace (what ui.perfetto.dev and chrome://tracing open)."""
     with gzip.open(path, "rt") as f:
         return json.load(f)["traceEvents"]
+
+
+def trace_ok_cells(cells, rows: list[dict], device: str, trace_dir: Path, log) -> None:
+    """`sweep --trace`: trace the cells whose rows are ok, after the timed sweep; a trace that fails is
+    reported with `log` and skipped (the sweep's rows are already written)."""
+    from ovqprof.rows import cell_key
+
+    ok = {cell_key(r) for r in rows if r["status"] == "ok"}
+    traced = 0
+    for cell in cells:
+        if cell.key not in ok:
+            continue
+        try:
+            trace_cell(cell, device, trace_dir)
+            traced += 1
+        except Exception as exc:  # noqa: BLE001 - a failed trace must not lose the sweep's rows
+            log(f"trace of {cell.layer.name} {cell.mode} T={cell.seq} failed: {exc}")
+    log(f"traced {traced} cells into {trace_dir}")
+
+
+def trace_cells(spec, device: str, out_dir: Path, reps: int) -> list:
+    """Trace every planned cell of `spec` (a cell the layer cannot run is trace_cell's UsageError)."""
+    from ovqprof.sweep import plan_cells
+
+    return [trace_cell(cell, device, out_dir, reps) for cell in plan_cells(spec)]

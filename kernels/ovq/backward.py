@@ -32,6 +32,7 @@ from .tiles import (
     grad_dict,
     grad_local_kv,
     grad_local_q,
+    head_bases,
     row_block,
     rowwise_dot_f32,
     slot_block_backward,
@@ -49,15 +50,8 @@ def ovq_bwd_kernel(Q, K, V, DO, LSE, DELTA, Z, BETA, SK, SV, CNT, GK, GV, DQ, DK
     beta = tl.load(BETA + h).to(tl.float32)
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
-    q_base = Q + bh * T * DK
-    k_base = K + bh * T * DK
-    v_base = V + bh * T * DV
-    do_base = DO + bh * T * DV
-    sk_base = SK + bh * N * DK
-    sv_base = SV + bh * N * DV
-    c_base = CNT + bh * N
-    gk_base = GK + bh * N * DK
-    gv_base = GV + bh * N * DV
+    q_base, k_base, v_base, do_base, sk_base, sv_base, c_base, gk_base, gv_base = head_bases(
+        bh, T, N, Q, K, V, DO, SK, SV, CNT, GK, GV, DK, DV)
     dbeta = tl.sum(tl.zeros([BM], tl.float32), axis=0)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i

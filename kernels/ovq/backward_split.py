@@ -24,13 +24,14 @@ import triton.language as tl
 
 from .config import OVQConfig
 from .launch_inputs import schedule_tensors
-from .split import barrier, interpreted, merge_rows, sm_count, split_programs
+from .split import barrier, merge_rows, split_launch
 from .tiles import (
     dict_mode,
     exact_dots,
     grad_dict,
     grad_local_kv,
     grad_local_q,
+    head_bases,
     row_block,
     rowwise_dot_f32,
     slot_block_backward,
@@ -47,15 +48,8 @@ def _bwd_phase_a(c, bh, p, beta, Q, K, V, DO, LSE, DELTA, Z, SK, SV, CNT, GK, GV
     (float32 scalar)."""
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
-    q_base = Q + bh * T * DK
-    k_base = K + bh * T * DK
-    v_base = V + bh * T * DV
-    do_base = DO + bh * T * DV
-    sk_base = SK + bh * N * DK
-    sv_base = SV + bh * N * DV
-    c_base = CNT + bh * N
-    gk_base = GK + bh * N * DK
-    gv_base = GV + bh * N * DV
+    q_base, k_base, v_base, do_base, sk_base, sv_base, c_base, gk_base, gv_base = head_bases(
+        bh, T, N, Q, K, V, DO, SK, SV, CNT, GK, GV, DK, DV)
     par = c % 2
     dbeta = tl.sum(tl.zeros([BM], tl.float32), axis=0)
     for kb in range(0, L // BM):
@@ -205,15 +199,7 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
     dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     bn = slot_block_backward(block_slots, N, DK, DV)
     bm = row_block(L, block_rows)
-    sms = sm_count(dev)
-    P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
-    if P < 1 or P & (P - 1) or P > L:
-        raise ValueError(f"programs must be a power of two between 1 and chunk_size={L}, got {P}")
-    if stepped is None:
-        stepped = P > 1 and interpreted()
-    if not stepped and P > 1 and (interpreted() or B * H * P > sms):
-        raise ValueError(f"the persistent split backward needs all B * H * programs = {B * H * P} programs "
-                         f"resident at once ({sms} available; 1 under TRITON_INTERPRET=1); use stepped=True")
+    P, stepped = split_launch(B * H, N, bn, L, dev, programs, stepped, "split backward")
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
     delta = rowwise_dot_f32(do, o)
     dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)  # input dtype, as in ovq_backward_triton

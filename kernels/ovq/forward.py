@@ -26,7 +26,7 @@ import triton.language as tl
 from .assign import write_chunk
 from .config import OVQConfig
 from .launch_inputs import schedule_tensors, spawn_ranks_input, write_options, write_scratch
-from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, slot_block
+from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, row_tiles, slot_block
 
 
 @triton.jit
@@ -39,7 +39,6 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, SBEST, SIDX, 
     bh = tl.program_id(0)
     h = bh % H
     beta = tl.load(BETA + h).to(tl.float32)
-    dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     k_base = K + bh * T * DK
     v_base = V + bh * T * DV
@@ -50,11 +49,7 @@ def ovq_fwd_kernel(Q, K, V, BETA, SK, SV, CNT, NACT, MSPAWN, RANK, SBEST, SIDX, 
     for c in range(0, n_chunks):
         n = tl.load(NACT + c)
         for r in range(0, L // BM):
-            rows = r * BM + tl.arange(0, BM)
-            pos = c * L + rows
-            valid = pos < T
-            q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-            k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+            rows, pos, valid, q, k = row_tiles(c, r, Q + bh * T * DK, k_base, T, L, BM, DK)
             m_i, l_i, acc, best, best_idx = read_dict(q, k, beta, sk_base, sv_base, c_base, n, 0, n, 1,
                                                        BM, DK, DV, BN, NORMALIZE, COUNT_BIAS, IEEE, DICT)
             m_i, l_i, acc = read_local(q, rows, beta, m_i, l_i, acc, k_base, v_base, c, r, T, L, BM, DK, DV, IEEE)

@@ -32,8 +32,8 @@ import triton.language as tl
 from .assign import write_chunk
 from .config import OVQConfig
 from .launch_inputs import schedule_tensors, spawn_ranks_input, write_options, write_scratch
-from .split import barrier, interpreted, merge_rows, sm_count, split_programs
-from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, slot_block
+from .split import barrier, merge_rows, split_launch
+from .tiles import dict_mode, exact_dots, read_dict, read_local, row_block, row_tiles, slot_block
 
 
 @triton.jit
@@ -43,18 +43,13 @@ def _phase_a(c, bh, p, beta, Q, K, V, SK, SV, CNT, NACT, PM, PL, PACC, PBEST, PI
              DICT: tl.constexpr):
     """Partial read and assignment of chunk c over program p's slots, in row blocks of BM; stores m, l [L],
     acc [L, DV], best [L] and its slot index [L] into parity buffer c % 2."""
-    dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
     k_base = K + bh * T * DK
     n = tl.load(NACT + c)
     owned = (n - p + P - 1) // P  # slots p, p + P, ... below n
     base = ((bh * 2 + c % 2) * P + p) * L
     for r in range(0, L // BM):
-        rows = r * BM + tl.arange(0, BM)
-        pos = c * L + rows
-        valid = pos < T
-        q = tl.load(Q + bh * T * DK + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
-        k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+        rows, pos, valid, q, k = row_tiles(c, r, Q + bh * T * DK, k_base, T, L, BM, DK)
         m_i, l_i, acc, best, best_idx = read_dict(q, k, beta, SK + bh * N * DK, SV + bh * N * DV, CNT + bh * N,
                                                    n, p, owned, P, BM, DK, DV, BN, NORMALIZE, COUNT_BIAS, IEEE,
                                                    DICT)
@@ -190,19 +185,7 @@ def ovq_forward_split_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     opts = write_options(cfg)
     bm = row_block(L, block_rows)
     bn = slot_block(block_slots, N)
-    sms = sm_count(dev)
-    P = programs if programs is not None else split_programs(B * H, N, bn, L, sms)
-    if P < 1 or P & (P - 1) or P > L:
-        raise ValueError(f"programs must be a power of two between 1 and chunk_size={L}, got {P}")
-    if stepped is None:
-        stepped = P > 1 and interpreted()
-    if not stepped and P > 1:
-        if interpreted():
-            raise ValueError("the persistent split kernel needs P = 1 under TRITON_INTERPRET=1 (programs run "
-                             "one after another there); use stepped=True")
-        if B * H * P > sms:
-            raise ValueError(f"B * H * programs = {B * H * P} programs exceed the {sms} SMs: they could not all "
-                             "be resident for the persistent kernel's barrier; use fewer programs or stepped=True")
+    P, stepped = split_launch(B * H, N, bn, L, dev, programs, stepped, "split kernel")
     n_chunks = -(-T // L)
     n_write = T // L
     nact, msp = schedule_tensors(cfg, n_chunks, n_write, dev)

@@ -53,3 +53,25 @@ def merge_rows(chunk: int, programs: int, cap: int = 16) -> int:
     """RM, rows merged at a time in phase B: all L / P of a program's rows, at most `cap` (P partial [RM, d]
     float32 tiles are in flight at once; at RM = 32, d = 128 the 4-warp merge spilled ~1 KB per thread)."""
     return min(chunk // programs, cap)
+
+
+def split_launch(bh: int, dict_size: int, block: int, chunk: int, device: torch.device, programs: int | None,
+                 stepped: bool | None, what: str) -> tuple[int, bool]:
+    """(P, stepped) for a split kernel over `bh` (batch, head) pairs: P as given (a power of two <= chunk) or
+    `split_programs`' choice; stepped as given, else whenever P > 1 under the interpreter. ValueError naming
+    `what` when a persistent launch could not have all bh * P programs resident (one per SM; one at a time
+    under TRITON_INTERPRET=1), since its barrier would then wait for a program that never starts."""
+    sms = sm_count(device)
+    P = programs if programs is not None else split_programs(bh, dict_size, block, chunk, sms)
+    if P < 1 or P & (P - 1) or P > chunk:
+        raise ValueError(f"programs must be a power of two between 1 and chunk_size={chunk}, got {P}")
+    if stepped is None:
+        stepped = P > 1 and interpreted()
+    if not stepped and P > 1:
+        if interpreted():
+            raise ValueError(f"the persistent {what} needs P = 1 under TRITON_INTERPRET=1 (programs run one "
+                             "after another there); use stepped=True")
+        if bh * P > sms:
+            raise ValueError(f"B * H * programs = {bh * P} programs exceed the {sms} SMs: they could not all "
+                             f"be resident for the persistent {what}'s barrier; use fewer programs or stepped=True")
+    return P, stepped

@@ -289,3 +289,24 @@ def grad_local_q(r, c, q, do, lse, delta, valid, beta, dq, k_base, v_base, T,
         ds = p * (dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += beta * dot(ds.to(k.dtype), k, IEEE)
     return dq
+
+
+@triton.jit
+def head_bases(bh, T, N, Q, K, V, DO, SK, SV, CNT, GK, GV, DK: tl.constexpr, DV: tl.constexpr):
+    """The backward's pointers for (batch, head) bh: q, k [T, DK], v, do [T, DV], the sums S_k [N, DK],
+    S_v [N, DV], the counts [N] and the state gradients G_k [N, DK], G_v [N, DV]."""
+    return (Q + bh * T * DK, K + bh * T * DK, V + bh * T * DV, DO + bh * T * DV, SK + bh * N * DK,
+            SV + bh * N * DV, CNT + bh * N, GK + bh * N * DK, GV + bh * N * DV)
+
+
+@triton.jit
+def row_tiles(c, r, q_base, k_base, T, L: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr):
+    """Row block r of chunk c: its rows in the chunk [BM], positions [BM], which are below T, and its
+    queries and keys [BM, DK] (0 past T)."""
+    dk = tl.arange(0, DK)
+    rows = r * BM + tl.arange(0, BM)
+    pos = c * L + rows
+    valid = pos < T
+    q = tl.load(q_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+    k = tl.load(k_base + pos[:, None] * DK + dk[None, :], mask=valid[:, None], other=0.0)
+    return rows, pos, valid, q, k
