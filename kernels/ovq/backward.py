@@ -24,19 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .config import OVQConfig
 from .launch_inputs import schedule_tensors
-from .tiles import (
-    dict_mode,
-    exact_dots,
-    grad_dict,
-    grad_local_kv,
-    grad_local_q,
-    head_bases,
-    row_block,
-    rowwise_dot_f32,
-    slot_block_backward,
-)
+from .tiles import grad_dict, grad_local_kv, grad_local_q, head_bases
 
 
 @triton.jit
@@ -106,9 +97,9 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     L, N = cfg.chunk_size, cfg.dict_size
     n_chunks, n_write = -(-T // L), T // L
     dev = q.device
-    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
+    dmode = tiles.dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
-    delta = rowwise_dot_f32(do, o)
+    delta = tiles.rowwise_dot_f32(do, o)
     # Stored in the input dtype (the kernel accumulates in float32 and casts on store): float32 gradients
     # plus their casts would hold 1.5x the bytes of q, k, v at the backward's peak.
     dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)
@@ -119,12 +110,12 @@ def ovq_backward_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OVQConfi
     gk = torch.zeros(B, H, N, DK, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
     gv = torch.zeros(B, H, N, DV, dtype=torch.float32, device=dev) if through else sk.new_zeros(1)
     z = z if z.numel() else torch.zeros(1, dtype=torch.int32, device=dev)
-    bn = slot_block_backward(block_slots, N, DK, DV)
+    bn = tiles.slot_block_backward(block_slots, N, DK, DV)
     ovq_bwd_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(), lse, delta, z,
         beta.to(torch.float32).contiguous(), sk.clone(), sv.clone(), cnt.clone(), gk, gv, dq, dk_, dv_, dbeta,
         nact, T, H, N, n_write, n_chunks,
-        L=L, DK=DK, DV=DV, BN=bn, BM=row_block(L, block_rows), NORMALIZE=cfg.normalize_centroids,
+        L=L, DK=DK, DV=DV, BN=bn, BM=tiles.row_block(L, block_rows), NORMALIZE=cfg.normalize_centroids,
         COUNT_BIAS=cfg.count_bias, THROUGH_STATE=through,
-        IEEE=exact_dots(q.dtype), DICT=dmode, num_warps=num_warps, num_stages=1)
+        IEEE=tiles.exact_dots(q.dtype), DICT=dmode, num_warps=num_warps, num_stages=1)
     return dq, dk_, dv_, dbeta.view(B, H).sum(0)

@@ -22,20 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .config import OVQConfig
 from .launch_inputs import schedule_tensors
 from .split import barrier, merge_rows, split_launch
-from .tiles import (
-    dict_mode,
-    exact_dots,
-    grad_dict,
-    grad_local_kv,
-    grad_local_q,
-    head_bases,
-    row_block,
-    rowwise_dot_f32,
-    slot_block_backward,
-)
+from .tiles import grad_dict, grad_local_kv, grad_local_q, head_bases
 
 
 @triton.jit
@@ -196,12 +187,12 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
     L, N = cfg.chunk_size, cfg.dict_size
     n_chunks, n_write = -(-T // L), T // L
     dev = q.device
-    dmode = dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
-    bn = slot_block_backward(block_slots, N, DK, DV)
-    bm = row_block(L, block_rows)
+    dmode = tiles.dict_mode(q.dtype, dict_precision)  # checks dict_precision before any work
+    bn = tiles.slot_block_backward(block_slots, N, DK, DV)
+    bm = tiles.row_block(L, block_rows)
     P, stepped = split_launch(B * H, N, bn, L, dev, programs, stepped, "split backward")
     nact, _ = schedule_tensors(cfg, n_chunks, n_write, dev)
-    delta = rowwise_dot_f32(do, o)
+    delta = tiles.rowwise_dot_f32(do, o)
     dq = torch.empty(B, H, T, DK, dtype=q.dtype, device=dev)  # input dtype, as in ovq_backward_triton
     dk_ = torch.empty_like(dq)
     dv_ = torch.empty(B, H, T, DV, dtype=v.dtype, device=dev)
@@ -218,7 +209,7 @@ def ovq_backward_split_triton(q, k, v, o, do, lse, z, beta, sk, sv, cnt, cfg: OV
     scratch = (pdq, sgk, sgv, slk, slv)
     common = dict(P=P, L=L, DK=DK, DV=DV, THROUGH_STATE=through)
     slot_args = dict(BN=bn, BM=bm, NORMALIZE=cfg.normalize_centroids, COUNT_BIAS=cfg.count_bias,
-                     IEEE=exact_dots(q.dtype), DICT=dmode)
+                     IEEE=tiles.exact_dots(q.dtype), DICT=dmode)
     rm = merge_rows(L, P)
     grid = (B * H * P,)
     if stepped:
