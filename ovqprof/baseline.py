@@ -20,8 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ovqprof.errors import FailedCellsError, InfrastructureError, UsageError
-from ovqprof.output import check_json_output as check_writable
-from ovqprof.output import json_document, write_atomic
+from ovqprof.output import check_json_output, json_document, write_atomic
 from ovqprof.rows import FAILED_STATUSES, cell_key, status_summary
 
 
@@ -134,6 +133,6 @@ def record_from(source: Path, output: Path | None, *, allow_failed: bool = False
 
     header, rows = load_results(source, "--from")
     output = output or default_path(Path(str(header.get("profile") or "results")).stem, header)
-    check_writable(output)
+    check_json_output(output)
     return record(output, header, rows, source=str(source), allow_failed=allow_failed,
                   run_medians=read_run_medians(header))

@@ -210,13 +210,10 @@ def check_same_layers(baseline: dict, current_layers: list[dict] | None, names: 
     """UsageError when a layer compared in both runs was configured differently (dimensions, dtype, options
     with their defaults filled in, so a spec that spells out a default is the same workload): its cells would
     measure another workload."""
-    from ovqprof.run import resolved_options
-
     if not current_layers or not baseline.get("layers"):
         return
-    old = {layer.get("name"): _comparable(layer, resolved_options) for layer in baseline["layers"]
-           if isinstance(layer, dict)}
-    new = {layer.get("name"): _comparable(layer, resolved_options) for layer in current_layers}
+    old = {layer.get("name"): _comparable(layer) for layer in baseline["layers"] if isinstance(layer, dict)}
+    new = {layer.get("name"): _comparable(layer) for layer in current_layers}
     for name in sorted(names & set(old) & set(new)):
         diff = [f"{k}: {old[name].get(k)!r} -> {new[name].get(k)!r}"
                 for k in sorted(set(old[name]) | set(new[name])) if old[name].get(k) != new[name].get(k)]
@@ -226,8 +223,10 @@ def check_same_layers(baseline: dict, current_layers: list[dict] | None, names: 
                              "the baseline was recorded with, or a re-recorded baseline")
 
 
-def _comparable(layer: dict, resolved_options) -> dict:
+def _comparable(layer: dict) -> dict:
     """A header layer flattened for comparison: its fields, the options resolved (`options.NAME` keys)."""
+    from ovqprof.run import resolved_options
+
     out = {k: v for k, v in layer.items() if k not in ("options", "resolved_options")}
     out.update({f"options.{k}": v for k, v in resolved_options(layer).items()})
     return out
@@ -503,7 +502,7 @@ def _profile_run(opts: CheckOptions, base_header: dict, names: set[str], notes: 
     """The started run of the profile on this machine, after checking that this machine and the profile's
     layers match the baseline."""
     from ovqprof.machine import machine_info
-    from ovqprof.run import RunPlan, layer_record, spec_timing
+    from ovqprof.run import RunPlan
     from ovqprof.run_spec import resolve_run_device
     from ovqprof.spec import load_spec, resolve_profile
 
@@ -519,13 +518,12 @@ def _profile_run(opts: CheckOptions, base_header: dict, names: set[str], notes: 
                                  current_name="this machine"):
         if note not in notes:
             notes.append(note)
-    check_same_layers(base_header, [layer_record(layer) for layer in spec.layers], names, str(spec.file))
-    timing = spec_timing(spec)
-    if base_header.get("timing") not in (None, timing):
-        notes.append(f"timing budgets differ from the baseline's ({base_header['timing']} -> {timing})")
-    plan = RunPlan.build(spec, run_device, isolate=opts.isolate, cell_timeout_s=opts.cell_timeout_s,
-                         roofline=False)
-    return plan.start(machine)
+    run = RunPlan.build(spec, run_device, isolate=opts.isolate, cell_timeout_s=opts.cell_timeout_s,
+                        roofline=False).start(machine)
+    check_same_layers(base_header, list(run.header.layers), names, str(spec.file))
+    if base_header.get("timing") not in (None, run.header.timing):
+        notes.append(f"timing budgets differ from the baseline's ({base_header['timing']} -> {run.header.timing})")
+    return run
 
 
 def _remeasurer(run, names: set[str], notes: list[str], quiet: bool, log: Callable[[str], None]

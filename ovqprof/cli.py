@@ -17,17 +17,19 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ovqprof.errors import OvqprofError, UsageError
+from ovqprof.errors import EXIT_INTERRUPTED, OvqprofError, UsageError
 from ovqprof.output import (
     FORMATS,
     SWEEP_LAYOUT,
     RowWriter,
+    check_json_output,
     check_output_dir,
     check_output_writable,
     run_header_lines,
     select_columns,
 )
 from ovqprof.progress import CellProgress, cell_budget_s
+from ovqprof.resume import resume_target
 from ovqprof.rows import STATUSES
 from ovqprof.run_spec import default_profile, load_run_spec, split_list
 
@@ -40,7 +42,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one paragraph
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE = 0, 1, 2
 DEBUG_HELP = "Show the full traceback of an error instead of a one-paragraph message."
 DEVICES_HELP = ("Comma list of devices measuring cells at once, one isolated worker each: cuda:0,cuda:1 (cpu,cpu "
                 "to test; its timings share cores). One device is --device.")
@@ -228,11 +230,7 @@ def capacity(
         profile = "capacity" if default == "default" else "capacity-quick"
         _log(f"no --profile given: using {profile}.yaml ({why})")
     spec, run_device = load_run_spec(profile, None, None, None, layers, device, _log)
-    if resume is not None:
-        from ovqprof.resume import check_resume_output, resume_format
-
-        check_resume_output(resume, output)
-        output, format = resume, resume_format(resume)
+    output, format = resume_target(resume, output, format)
     request = CapacityRequest(method=method, pairs=pairs, keys=keys, gap=gap, seeds=seeds, dims=dims,
                               format=format, output=output, show_progress=not quiet,
                               layers_from_cli=layers is not None, resume=resume is not None,
@@ -279,11 +277,7 @@ def distributed_cmd(
     _check_format(format, FORMATS)
     select_columns(layout(), split_list(columns))
     spec, run_device = load_run_spec(profile, None, None, None, None, "cpu", _log)
-    if resume is not None:
-        from ovqprof.resume import check_resume_output, resume_format
-
-        check_resume_output(resume, output)
-        output, format = resume, resume_format(resume)
+    output, format = resume_target(resume, output, format)
     request = DistributedRequest(world_sizes=world_size, strategies=strategy, seq=seq, backend=backend,
                                  cell_timeout_s=cell_timeout, collective_timeout_s=collective_timeout,
                                  format=format, output=output, resume=resume is not None,
@@ -337,7 +331,7 @@ def baseline_cmd(
     spec, run_device = load_run_spec(profile, seq, modes, batch, layers, device, _log)
     machine = machine_info(run_device)
     output = output or recording.default_path(spec.name, machine)
-    recording.check_writable(output)
+    check_json_output(output)
     plan = RunPlan.build(spec, run_device, isolate=isolate, cell_timeout_s=cell_timeout, roofline=roofline,
                          slots=slots)
     cells = plan_cells(spec)

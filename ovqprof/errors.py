@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: what was finished is kept (ovqprof.run.interruptible)
+
 
 class OvqprofError(Exception):
     """An error whose message is written for the user; the CLI prints it and exits with `exit_code`."""

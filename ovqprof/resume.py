@@ -77,6 +77,15 @@ def done_cells(rows: list[dict]) -> set[tuple]:
     return {cell_key(r) for r in rows}
 
 
+def resume_target(resume: Path | None, output: Path | None, format: str) -> tuple[Path | None, str]:
+    """(output, format): --resume FILE appends to FILE in FILE's own format (an --output beside it must name
+    the same file); without --resume, --output and --format as given."""
+    if resume is None:
+        return output, format
+    check_resume_output(resume, output)
+    return resume, resume_format(resume)
+
+
 def check_resume_output(resume: Path, output: Path | None) -> None:
     """--resume FILE appends to FILE: an --output beside it must name the same file."""
     if output is not None and output.resolve() != resume.resolve():

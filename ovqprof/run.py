@@ -16,6 +16,7 @@ the same workload, and the report reads any option (the OVQ dictionary size) fro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -26,11 +27,9 @@ import torch
 
 from ovqprof.cell import Cell, CellSettings
 from ovqprof.devices import WorkerSlot
-from ovqprof.errors import InfrastructureError, UsageError
+from ovqprof.errors import EXIT_INTERRUPTED, InfrastructureError, UsageError
 from ovqprof.rows import NOTE_CPU_MEMORY, NOTE_NO_PEAKS
 from ovqprof.spec import LayerSpec, Spec, profile_label, torch_dtype
-
-EXIT_INTERRUPTED = 130
 
 
 # --- layers as a header records them -----------------------------------------------------------------------
@@ -153,11 +152,10 @@ class RunPlan:
                                             (NOTE_NO_PEAKS, not self.roofline)) if applies]
         if self.slots:
             notes += list(dict.fromkeys(slot.note for slot in self.slots if slot.note))
-        base = RunHeader.begin(machine, self.spec, isolate=self.isolate)
-        header = RunHeader(base.machine, base.date, base.profile, base.layers, base.command,
-                           timing=spec_timing(self.spec), peaks={k: v.as_dict() for k, v in peaks.items()},
-                           notes=tuple(notes),
-                           devices=tuple(slot.label for slot in self.slots) if self.slots else None)
+        header = dataclasses.replace(
+            RunHeader.begin(machine, self.spec, isolate=self.isolate), timing=spec_timing(self.spec),
+            peaks={k: v.as_dict() for k, v in peaks.items()}, notes=tuple(notes),
+            devices=tuple(slot.label for slot in self.slots) if self.slots else None)
         settings = CellSettings(device=str(self.device), warmup_ms=self.spec.sweep.warmup_ms,
                                 rep_ms=self.spec.sweep.rep_ms, check_seq=self.spec.sweep.check_seq, peaks=peaks)
         return Run(self, header, settings)
